@@ -1,0 +1,87 @@
+"""Orbax parameter checkpoints: atomic writes and (optionally sharded) restores.
+
+A parameter checkpoint is a directory holding an Orbax `StandardCheckpointer` tree under `params/` and
+any JSON side files (model config, conversion metadata) next to it. Writers build the whole directory
+under a temporary sibling name and rename it at the end, so a failed run never leaves something that
+looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import orbax.checkpoint as ocp
+
+PARAMS_SUBDIR = "params"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete or does not match what the caller expects."""
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory beside `out_dir`; renames it to `out_dir` only if the block succeeds."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory already exists: {out} (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_params(directory: str | os.PathLike, params: Any) -> None:
+    """Writes a parameter pytree (numpy or jax arrays) to `directory/params` with Orbax, synchronously."""
+    path = Path(directory).absolute() / PARAMS_SUBDIR
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params)
+        ckptr.wait_until_finished()
+
+
+def write_json(directory: str | os.PathLike, name: str, obj: Any) -> None:
+    with open(Path(directory) / name, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def read_json(directory: str | os.PathLike, name: str) -> Any:
+    path = Path(directory) / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (is {directory} a lumina-jax checkpoint?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def restore_params(directory: str | os.PathLike, target: Any = None) -> Any:
+    """Restores `directory/params`.
+
+    `target` is an optional pytree of `jax.ShapeDtypeStruct` (with `.sharding` set for a sharded restore,
+    as produced by `jax.eval_shape` plus the sharding rules); without it arrays come back as saved.
+    """
+    path = Path(directory).absolute() / PARAMS_SUBDIR
+    if not path.exists():
+        raise CheckpointError(f"{path}: no Orbax parameter tree (is {directory} a lumina-jax checkpoint?)")
+    with ocp.StandardCheckpointer() as ckptr:
+        if target is None:
+            return ckptr.restore(path)
+        return ckptr.restore(path, target)
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs for `tree`, optionally carrying `shardings` (a matching pytree)."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

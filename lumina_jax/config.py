@@ -1,0 +1,102 @@
+"""Model configuration of the Chameleon decoder: a frozen dataclass with presets.
+
+Fields are plain Python values so a config round-trips through JSON (`to_dict` / `from_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ChameleonConfig:
+    # --- architecture -----------------------------------------------------------------------------------
+    vocab_size: int = 65536  # rows of embed_tokens and columns of lm_head
+    hidden_size: int = 4096  # model width D
+    intermediate_size: int = 11008  # SwiGLU hidden width F
+    num_layers: int = 32  # decoder blocks
+    num_heads: int = 32  # query heads H
+    num_kv_heads: int = 32  # key/value heads (GQA when < num_heads)
+    head_dim: int = 128  # per-head width; hidden_size == num_heads * head_dim for published models
+    rope_theta: float = 10000.0  # RoPE base (rotate-half, Hugging Face layout)
+    rms_norm_eps: float = 1e-5  # epsilon of the RMSNorms
+    qk_norm_eps: float = 1e-5  # epsilon of the per-head q/k LayerNorm (hard-coded 1e-5 in the reference)
+    q_norm_rows: int = 1  # rows stored for q_norm (1 = Lumina 7B, 4 = Lumina 34B, num_heads = HF); row i serves heads i*H/r..
+    k_norm_rows: int = 1  # rows stored for k_norm (same rule over num_kv_heads)
+    swin_norm: bool = False  # True: norms on sublayer outputs (34B); False: pre-norm (7B)
+    max_position_embeddings: int = 4096  # informational; RoPE has no table limit
+    # --- Lumina additions -------------------------------------------------------------------------------
+    dropout: float = 0.0  # residual dropout on attention and MLP outputs (training only)
+    mask_image_logits: bool = False  # set image-token logits to float32 min (must be False for generation)
+    image_token_start: int = 4  # first image-token id (inclusive)
+    image_token_end: int = 8196  # last image-token id (exclusive)
+    z_loss_weight: float = 0.0  # weight of the (logsumexp)^2 auxiliary loss
+    # --- numerics and memory ----------------------------------------------------------------------------
+    param_dtype: str = "float32"  # storage dtype of parameters
+    dtype: str = "bfloat16"  # compute dtype of activations and matmuls
+    logits_dtype: str = "float32"  # dtype of returned logits
+    scan_layers: bool = True  # stack layers with nn.scan (parameters carry a leading "layers" axis)
+    remat_policy: str = "none"  # named rematerialisation policy for each block (see models.chameleon.REMAT_POLICIES)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.num_heads % self.q_norm_rows:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of q_norm_rows={self.q_norm_rows}")
+        if self.num_kv_heads % self.k_norm_rows:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} is not a multiple of k_norm_rows={self.k_norm_rows}")
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> "ChameleonConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ChameleonConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ChameleonConfig fields: {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, ChameleonConfig] = {
+    # Published Lumina-mGPT 7B (MHA, pre-norm, q/k-norm with one shared row).
+    "7b": ChameleonConfig(),
+    # Published Lumina-mGPT 34B (GQA 64/8, swin-norm, q/k-norm with 4 rows).
+    "34b": ChameleonConfig(
+        hidden_size=8192, intermediate_size=22016, num_layers=48, num_heads=64, num_kv_heads=8,
+        swin_norm=True, q_norm_rows=4, k_norm_rows=4,
+    ),
+    # Tiny shapes for tests (fp32 everywhere).
+    "tiny": ChameleonConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=4,
+        head_dim=16, image_token_start=4, image_token_end=260, param_dtype="float32", dtype="float32",
+    ),
+    "tiny-gqa-swin": ChameleonConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, swin_norm=True, q_norm_rows=2, k_norm_rows=2, image_token_start=4, image_token_end=260,
+        param_dtype="float32", dtype="float32",
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> ChameleonConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,59 @@
+"""`python -m lumina_jax.convert <command> [flags]`: one entry point for every conversion.
+
+Each command lives in its own module exposing `add_arguments(parser, command)` and `run(args) -> int`
+(`args.command` says which command ran, so one module can serve a command and its export twin).
+Errors that the user can fix (a missing file, a bad key, a wrong shape) are raised as
+`ConversionError` and printed as one line naming the problem, with exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lumina_jax.convert.errors import ConversionError
+
+# command name -> (module, one-line help)
+COMMANDS = {
+    "chameleon": ("lumina_jax.convert.chameleon", "Hugging Face Chameleon / Lumina-mGPT safetensors -> Orbax"),
+    "chameleon-export": ("lumina_jax.convert.chameleon", "Orbax decoder checkpoint -> Hugging Face safetensors"),
+    "vqgan": ("lumina_jax.convert.vqgan", "Meta's vqgan.ckpt + vqgan.yaml -> Orbax"),
+    "vqgan-export": ("lumina_jax.convert.vqgan", "Orbax VQGAN checkpoint -> PyTorch state_dict file"),
+    "assemble": ("lumina_jax.convert.assemble", "one inference directory: decoder + VQGAN + tokenizer + configs"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lumina_jax.convert",
+        description="Convert published PyTorch checkpoints to lumina-jax Orbax checkpoints and back.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            p.set_defaults(_unavailable=module_name)
+            continue
+        module.add_arguments(p, name)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_unavailable", None):
+        print(f"error: command '{args.command}' is not available in this build ({args._unavailable})", file=sys.stderr)
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Flax modules: the Chameleon decoder and the VQGAN image tokenizer."""

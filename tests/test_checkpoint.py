@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+
+from lumina_jax import checkpoint
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError):
+        with checkpoint.atomic_directory(out) as d:
+            checkpoint.save_params(d, {"w": np.ones(3, np.float32)})
+            raise RuntimeError("boom")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_restore_roundtrip(tmp_path):
+    params = {"a": {"kernel": np.arange(12, dtype=np.float32).reshape(3, 4)}}
+    with checkpoint.atomic_directory(tmp_path / "c") as d:
+        checkpoint.save_params(d, params)
+        checkpoint.write_json(d, "config.json", {"x": 1})
+    out = checkpoint.restore_params(tmp_path / "c")
+    np.testing.assert_array_equal(np.asarray(out["a"]["kernel"]), params["a"]["kernel"])
+    assert checkpoint.read_json(tmp_path / "c", "config.json") == {"x": 1}
+    with pytest.raises(checkpoint.CheckpointError, match="missing"):
+        checkpoint.read_json(tmp_path / "c", "nope.json")
