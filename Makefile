@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==26.3"
-	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test,aot]"
 	# taming-transformers' own metadata pulls in unrelated packages; its Encoder/Decoder/VectorQuantizer need only torch.
 	$(PY) -m pip install -q --no-deps taming-transformers==0.0.1
 	touch $(STAMP)
