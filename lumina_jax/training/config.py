@@ -1,0 +1,203 @@
+"""Training configuration: frozen dataclasses, one file per experiment in `configs/`, dotted overrides.
+
+`configs/<name>.py` defines `get_config() -> TrainConfig`; the command line then applies `key=value`
+overrides such as `optimizer.lr=1e-4 parallel.mesh=data=2,fsdp=4 model.dropout=0.0`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import types
+import typing
+from typing import Any
+
+from lumina_jax.config import ChameleonConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 2e-5  # peak learning rate (after warm-up)
+    min_lr: float = 2e-5  # final learning rate of the cosine decay (reference: equal to lr, i.e. constant)
+    warmup_steps: int = 0  # linear warm-up from 0 (the first update uses lr 0, as in the reference)
+    decay_steps: int = 0  # step at which the cosine reaches min_lr; 0 = train.total_steps
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon (torch default)
+    weight_decay: float = 0.1  # decoupled weight decay (torch AdamW semantics: p -= lr * wd * p)
+    decay_norms_biases_embeddings: bool = True  # reference decays every parameter; False excludes norms, biases, embeddings
+    clip_grad_norm: float = 4.0  # global L2 gradient clipping threshold; 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    chunk_size: int = 1024  # sequence positions per chunk of the output-layer + loss computation
+    fused_grad: bool = True  # compute lm_head/hidden gradients inside the chunk loop (no logits recomputation)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    config_path: str = ""  # data config YAML listing pre-tokenized ArrayRecord datasets ("" = synthetic data)
+    seq_len: int = 4096  # packed sequence length in tokens (must fit one image at the stage's resolution)
+    global_batch_size: int = 8  # sequences per optimizer step, over all hosts and micro-batches
+    seed: int = 0  # shuffling seed of the data pipeline
+    num_workers: int = 0  # grain worker processes per host (0 = in-process)
+    synthetic_vocab: int = 0  # synthetic data only: token ids drawn from [0, synthetic_vocab); 0 = model vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    mesh: str = "fsdp=-1"  # mesh axes "data=2,fsdp=2,tensor=2"; -1 takes the remaining devices
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (accumulated with lax.scan)
+    coordinator_address: str = ""  # multi-host: "host:port" of process 0 ("" = single process or env/cluster auto)
+    num_processes: int = 0  # multi-host: number of processes (0 = from env / single process)
+    process_id: int = -1  # multi-host: index of this process (-1 = from env)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save_interval_steps: int = 1000  # steps between checkpoints (plus one at the end and on SIGTERM)
+    max_to_keep: int = 2  # newest checkpoints kept on disk
+    async_save: bool = True  # write checkpoints in a background thread while training continues
+    init_from: str = ""  # converted decoder checkpoint dir (params/ + config.json) to start from ("" = random init)
+    zero_image_lm_head: bool = False  # reference starting point: zero lm_head columns of the image tokens at init
+    resume: bool = True  # continue from the newest checkpoint in train.output_dir when there is one
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 10  # steps between console/TensorBoard scalar writes
+    tensorboard: bool = True  # write TensorBoard event files to <output_dir>/tensorboard
+    peak_tflops_per_device: float = 0.0  # for the MFU estimate (0 = guess from the device kind)
+    progress_bar: bool = True  # tqdm progress bar on process 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    name: str = "unnamed"  # experiment name (for logs)
+    output_dir: str = ""  # checkpoints, TensorBoard events and exported weights go here
+    total_steps: int = 1000  # optimizer steps to run
+    seed: int = 0  # seed of parameter init and dropout noise
+    model: ChameleonConfig = ChameleonConfig()  # decoder config (dropout, z_loss_weight, dtypes, remat live here)
+    optimizer: OptimizerConfig = OptimizerConfig()  # AdamW, schedule, clipping
+    loss: LossConfig = LossConfig()  # chunked CE + z-loss
+    data: DataConfig = DataConfig()  # input pipeline
+    parallel: ParallelConfig = ParallelConfig()  # mesh, accumulation, multi-host
+    checkpoint: CheckpointConfig = CheckpointConfig()  # Orbax manager and initialisation
+    log: LogConfig = LogConfig()  # metrics
+
+    def __post_init__(self):
+        check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def check(cfg: TrainConfig) -> None:
+    """Raises a one-line ValueError naming the field of an inconsistent config."""
+    d, p = cfg.data, cfg.parallel
+    if p.grad_accum_steps < 1:
+        raise ValueError(f"parallel.grad_accum_steps={p.grad_accum_steps} must be >= 1")
+    if d.global_batch_size % p.grad_accum_steps:
+        raise ValueError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                         f"parallel.grad_accum_steps={p.grad_accum_steps}")
+    if cfg.loss.chunk_size < 1:
+        raise ValueError(f"loss.chunk_size={cfg.loss.chunk_size} must be >= 1")
+    if cfg.optimizer.warmup_steps < 0 or cfg.total_steps < 1:
+        raise ValueError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} / total_steps={cfg.total_steps} out of range")
+
+
+# --------------------------------------------------------------------------------------------------------
+# dotted key=value overrides
+
+
+def _parse_value(text: str, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _parse_value(text, args[0], key)
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"override {key}={text}: expected a boolean (true/false)")
+    if typ in (int, float):
+        try:
+            return typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
+        except ValueError:
+            raise ValueError(f"override {key}={text}: expected {typ.__name__}") from None
+    if typ is str:
+        return text
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(typ)
+        return tuple(_parse_value(t, inner, key) for t in text.split(",") if t)
+    raise ValueError(f"override {key}: unsupported field type {typ}")
+
+
+def apply_override(cfg: Any, key: str, text: str, _full_key: str | None = None) -> Any:
+    """Returns `cfg` with the dotted field `key` set from the string `text` (parsed by the field's type)."""
+    full = _full_key or key
+    head, _, rest = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if head not in fields:
+        raise ValueError(f"override {full}: {type(cfg).__name__} has no field {head!r}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(type(cfg))
+    current = getattr(cfg, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"override {full}: {head!r} is not a config section")
+        return dataclasses.replace(cfg, **{head: apply_override(current, rest, text, full)})
+    if dataclasses.is_dataclass(current):
+        raise ValueError(f"override {full}: {head!r} is a section; set one of its fields ({head}.<field>=...)")
+    return dataclasses.replace(cfg, **{head: _parse_value(text, hints[head], full)})
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        cfg = apply_override(cfg, key.strip(), text.strip())
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
+    """Imports `path` (a configs/<name>.py defining get_config()) and applies the overrides."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_train_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"{path}: get_config() returned {type(cfg).__name__}, expected TrainConfig")
+    return apply_overrides(cfg, list(overrides))
+
+
+def from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuilds a TrainConfig from `to_dict()` output (e.g. the config.json saved beside checkpoints)."""
+    def build(cls, values):
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            t = hints[f.name]
+            if dataclasses.is_dataclass(t):
+                v = build(t, v)
+            elif typing.get_origin(t) is tuple:
+                v = tuple(v)
+            kw[f.name] = v
+        return cls(**kw)
+    return build(TrainConfig, d)
