@@ -1,0 +1,284 @@
+"""Reads PyTorch checkpoint files (`torch.save` zip format) without torch and without running their code.
+
+A `.pt`/`.ckpt` file is a zip archive holding `data.pkl` (a pickle of the saved object) and one raw
+little-endian buffer per tensor storage under `data/<key>`. A pickle can call any importable function,
+so the pickle is read with a restricted unpickler: it resolves only the few globals a checkpoint of
+tensors and plain containers needs (the tensor rebuild functions, storage and dtype names,
+`collections.OrderedDict`, `torch.Size`, ...) to local, inert stand-ins, and refuses every other global
+by name before anything is called. Tensors come back as `LazyTensor`s that read their storage only
+when asked (`.numpy()`), so optimizer state or loss networks in a Lightning file cost nothing.
+
+`load_with_torch` is the alternative for files this reader does not understand (the pre-1.6 legacy
+format): `torch.load(weights_only=True)`, which needs the optional torch dependency.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from lumina_jax.convert.errors import ConversionError
+
+# storage class name (as pickled: `torch.FloatStorage`) -> numpy dtype
+STORAGE_DTYPES = {
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+# torch dtype names (pickled as `torch.float32`) -> numpy dtype, used by `torch.device`-free metadata only
+TORCH_DTYPES = {
+    "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageType:
+    """Stand-in for a pickled `torch.<X>Storage` class reference."""
+
+    name: str
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(STORAGE_DTYPES[self.name])
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchDtype:
+    """Stand-in for a pickled `torch.<dtype>` object."""
+
+    name: str
+
+
+@dataclasses.dataclass
+class StorageRef:
+    """One storage buffer of the archive, read on first use."""
+
+    archive: "_Archive"
+    key: str
+    dtype: np.dtype
+    numel: int
+    _data: np.ndarray | None = None
+
+    def array(self) -> np.ndarray:
+        if self._data is None:
+            raw = self.archive.read(f"data/{self.key}")
+            if len(raw) < self.numel * self.dtype.itemsize:
+                raise ConversionError(f"{self.archive.path}: storage data/{self.key} is truncated "
+                                      f"({len(raw)} bytes for {self.numel} x {self.dtype})")
+            data = np.frombuffer(raw, dtype=self.dtype.newbyteorder(self.archive.byteorder), count=self.numel)
+            self._data = data.astype(self.dtype, copy=False)
+        return self._data
+
+
+@dataclasses.dataclass
+class LazyTensor:
+    """A tensor of a checkpoint file: shape and dtype are known; `.numpy()` reads the data."""
+
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.storage.dtype
+
+    def numpy(self) -> np.ndarray:
+        base = self.storage.array()
+        if not self.shape:
+            return base[self.offset].copy()
+        need = self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride)) + 1
+        if min(self.shape) > 0 and need > base.size:
+            raise ConversionError(f"{self.storage.archive.path}: tensor of shape {self.shape} overruns "
+                                  f"storage data/{self.storage.key} ({base.size} elements)")
+        item = base.itemsize
+        view = np.lib.stride_tricks.as_strided(base[self.offset:], shape=self.shape,
+                                               strides=tuple(s * item for s in self.stride), writeable=False)
+        return np.ascontiguousarray(view)
+
+
+class _Archive:
+    def __init__(self, path: str, zf: zipfile.ZipFile):
+        self.path, self.zf = path, zf
+        pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            raise ConversionError(f"{path}: not a torch.save archive (expected exactly one '<name>/data.pkl')")
+        self.prefix = pkl[0][: -len("data.pkl")]
+        names = set(zf.namelist())
+        self.byteorder = "<"
+        if self.prefix + "byteorder" in names:
+            order = zf.read(self.prefix + "byteorder").decode().strip()
+            if order not in ("little", "big"):
+                raise ConversionError(f"{path}: unknown byteorder '{order}'")
+            self.byteorder = "<" if order == "little" else ">"
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.zf.read(self.prefix + name)
+        except KeyError:
+            raise ConversionError(f"{self.path}: archive entry '{self.prefix + name}' is missing") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the inert stand-ins that allowed globals resolve to
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
+    if not isinstance(storage, StorageRef):
+        raise pickle.UnpicklingError("tensor rebuild got something other than a storage")
+    return LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+    if not isinstance(data, LazyTensor):
+        raise pickle.UnpicklingError("parameter rebuild got something other than a tensor")
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if func not in (_rebuild_tensor, _rebuild_parameter):
+        raise pickle.UnpicklingError("_rebuild_from_type_v2 with a function that is not a tensor rebuild")
+    return func(*args)
+
+
+def _codecs_encode(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed for latin1 byte strings")
+    return text.encode("latin1")
+
+
+def _size(dims=()):
+    return tuple(int(d) for d in dims)
+
+
+def _device(*args):
+    return ":".join(str(a) for a in args)
+
+
+def _parameter_class(*args, **kwargs):
+    raise pickle.UnpicklingError("torch.nn.Parameter may only appear as a type marker")
+
+
+ALLOWED_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": collections.OrderedDict,
+    "collections.Counter": collections.Counter,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.bytearray": bytearray,
+    "builtins.complex": complex,
+    "_codecs.encode": _codecs_encode,
+    "torch.Size": _size,
+    "torch.device": _device,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+    "torch.Tensor": "torch.Tensor",  # a type marker for _rebuild_from_type_v2; a string cannot be called
+    "torch.nn.parameter.Parameter": "torch.nn.parameter.Parameter",
+    **{f"torch.{name}": StorageType(name) for name in STORAGE_DTYPES},
+    **{f"torch.{name}": TorchDtype(name) for name in TORCH_DTYPES},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only `ALLOWED_GLOBALS` (to inert stand-ins); any other global raises before it is imported."""
+
+    def __init__(self, file, archive: _Archive):
+        super().__init__(file)
+        self._archive = archive
+        self._storages: dict[str, StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified not in ALLOWED_GLOBALS:
+            raise ConversionError(f"{self._archive.path}: refusing to load: the pickle references '{qualified}', "
+                                  "which is not a tensor or a plain container (the file may run code when loaded)")
+        return ALLOWED_GLOBALS[qualified]
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
+            raise ConversionError(f"{self._archive.path}: refusing to load: unexpected persistent id {pid!r:.80}")
+        _, stype, key, _location, numel = pid
+        key = str(key)
+        if key not in self._storages:
+            self._storages[key] = StorageRef(self._archive, key, stype.dtype, int(numel))
+        return self._storages[key]
+
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """Unpickles a torch.save zip file with the restricted unpickler; tensors are `LazyTensor`s.
+
+    The returned object keeps the zip file open until it is garbage collected.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ConversionError(f"{path}: not a zip-format torch checkpoint (legacy torch<1.6 format?); "
+                              "retry with --torch-load to read it with torch.load(weights_only=True)")
+    zf = zipfile.ZipFile(path)
+    archive = _Archive(path, zf)
+    data = archive.read("data.pkl")
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), archive).load()
+    except ConversionError:
+        raise
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+        raise ConversionError(f"{path}: cannot read data.pkl: {type(e).__name__}: {e}") from None
+
+
+def load_with_torch(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` with tensors turned into numpy arrays (needs torch)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("--torch-load needs PyTorch (pip install 'lumina-jax[torch]')") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError/RuntimeError with long messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{path}: torch.load(weights_only=True) refused or failed: {first}") from None
+
+    def to_numpy(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            if x.dtype == torch.bfloat16:
+                return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return x.numpy()
+        if isinstance(x, dict):
+            return type(x)((k, to_numpy(v)) for k, v in x.items()) if isinstance(x, collections.OrderedDict) \
+                else {k: to_numpy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_numpy(v) for v in x)
+        return x
+
+    return to_numpy(obj)
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A `LazyTensor` or array as a numpy array."""
+    return x.numpy() if isinstance(x, LazyTensor) else np.asarray(x)
+
+
+def is_tensor(x: Any) -> bool:
+    return isinstance(x, (LazyTensor, np.ndarray))
+
+
+def tensor_shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape)
