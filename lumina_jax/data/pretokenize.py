@@ -1,0 +1,311 @@
+"""Pre-tokenize conversations with images into a tensorflow-datasets ArrayRecord dataset, resumably.
+
+    python -m lumina_jax.data.pretokenize --input data.json --out DIR --target-size 512 \\
+        --tokenizer ckpts/text_tokenizer.json --vqgan ckpts/vqgan [--shard I --num-shards N]
+
+Input: the reference's JSON list of `{"conversations": [{"from": "human"|"gpt", "value": ...}, ...],
+"image": [paths] | path}` (`"image"` optional: text-only items are kept). Output: DIR is a tfds dataset
+directory (see `lumina_jax.data.records`), readable by `tfds.builder_from_directory(DIR)` and by the grain
+pipeline, plus `pretokenize_report.json` listing every bad item with its id and reason.
+
+Work is done in chunks of `--chunk-size` items: the images of a chunk are cropped, grouped by size and
+encoded by the jitted VQGAN in batches; the chunk is written to its own ArrayRecord file under DIR/_work and
+committed by atomically rewriting a progress file. A run killed at any point and started again with the same
+arguments redoes only the uncommitted chunk, so the result equals an uninterrupted run. With `--num-shards N`
+each shard (run separately, e.g. one per host) takes a contiguous 1/N of the items; the run that completes the
+last shard assembles the dataset (renames the chunk files into tfds shards and writes the metadata).
+
+Bad items (missing or unreadable image, placeholder count mismatch, malformed conversation, more tokens than
+`--max-length`) are never replaced by another item: they are left out, counted, and listed in the report.
+Differences from the reference: batched VQGAN encoding, centred crops unless `--random-crop` (seeded per item),
+text-only items kept, no per-sample pickle files.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from lumina_jax.data import records
+
+WORK = "_work"
+REPORT = "pretokenize_report.json"
+
+
+class BadItem(Exception):
+    """An item that cannot be tokenized; `kind` is the report category."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def shard_range(num_items: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Contiguous item range of a shard: [ceil(N/S)*r, min(ceil(N/S)*(r+1), N)) as the reference."""
+    per = math.ceil(num_items / num_shards)
+    return min(per * shard, num_items), min(per * (shard + 1), num_items)
+
+
+def _image_paths(item: dict, image_root: str) -> list[str]:
+    images = item.get("image", item.get("<|image|>"))
+    if images is None:
+        return []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise BadItem("malformed item", "'image' must be a path or a list of paths")
+    return [p if os.path.isabs(p) else os.path.join(image_root, p) for p in images]
+
+
+def _load_image(path: str):
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise BadItem("missing image", path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+        raise BadItem("corrupt image", f"{path} ({type(e).__name__}: {e})") from None
+
+
+class Pretokenizer:
+    """Turns items into (tokens, labels); images are encoded per chunk in batches."""
+
+    def __init__(self, tokenizer_path: str, vqgan_dir: str | None, target_size: int, max_length: int,
+                 batch_size: int, random_crop: bool, seed: int, image_root: str, image_tokenizer=None):
+        from lumina_jax.tokenizer import load_tokenizer
+        from lumina_jax.unirep import crop_size_list
+
+        self.tokenizer, self.special = load_tokenizer(tokenizer_path)
+        self.crop_sizes = crop_size_list(target_size)
+        self.vqgan_dir, self._image_tokenizer = vqgan_dir, image_tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+        self.random_crop, self.seed, self.image_root = random_crop, seed, image_root
+
+    @property
+    def image_tokenizer(self):
+        if self._image_tokenizer is None:
+            if not self.vqgan_dir:
+                raise ValueError("items have images but no --vqgan checkpoint directory was given")
+            from lumina_jax.image_tokenizer import ImageTokenizer
+
+            self._image_tokenizer = ImageTokenizer.from_checkpoint(self.vqgan_dir)
+        return self._image_tokenizer
+
+    def process_chunk(self, items: list[tuple[int, dict]]):
+        """-> (good [(id, tokens, labels)], bad [(id, kind, detail)]) in item order."""
+        from lumina_jax.conversation import IMAGE_PLACEHOLDER, ConversationError, encode_conversation
+        from lumina_jax.unirep import codes_to_unirep, encode_arrays, prepare_image
+
+        prepared, bad = {}, {}
+        for idx, item in items:
+            try:
+                if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+                    raise BadItem("malformed item", "no 'conversations' list")
+                paths = _image_paths(item, self.image_root)
+                n_ph = sum(str(t.get("value") or "").count(IMAGE_PLACEHOLDER)
+                           for t in item["conversations"] if isinstance(t, dict))
+                if n_ph and n_ph != len(paths):
+                    raise BadItem("placeholder mismatch", f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s), {len(paths)} image(s)")
+                rng = np.random.default_rng([self.seed, idx]) if self.random_crop else None
+                arrays = [prepare_image(_load_image(p), self.crop_sizes, rng, self.random_crop) for p in paths]
+                prepared[idx] = arrays
+            except BadItem as e:
+                bad[idx] = (e.kind, e.detail)
+        flat = [a for idx, _ in items if idx in prepared for a in prepared[idx]]
+        codes = encode_arrays(flat, self.image_tokenizer, self.batch_size) if flat else []
+        good, k = [], 0
+        for idx, item in items:
+            if idx in bad:
+                continue
+            n = len(prepared[idx])
+            unireps = [codes_to_unirep(c, self.special) for c in codes[k:k + n]]
+            k += n
+            try:
+                tokens, labels = encode_conversation(item["conversations"], self.tokenizer, self.special, unireps)
+            except ConversationError as e:
+                kind = "placeholder mismatch" if "placeholder" in str(e) else "malformed conversation"
+                bad[idx] = (kind, str(e))
+                continue
+            if self.max_length and tokens.size > self.max_length:
+                bad[idx] = ("too long", f"{tokens.size} tokens > --max-length {self.max_length}")
+                continue
+            good.append((idx, tokens, labels))
+        return good, sorted((i, kind, d) for i, (kind, d) in bad.items())
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _shard_dir(out: str, shard: int, num_shards: int) -> str:
+    return os.path.join(out, WORK, f"shard{shard:05d}-of-{num_shards:05d}")
+
+
+def run_shard(args, items: list, pretok: Pretokenizer) -> dict:
+    """Process this shard's uncommitted chunks; returns its progress record."""
+    from tqdm import tqdm
+
+    sdir = _shard_dir(args.out, args.shard, args.num_shards)
+    os.makedirs(sdir, exist_ok=True)
+    start, end = shard_range(len(items), args.shard, args.num_shards)
+    num_chunks = math.ceil((end - start) / args.chunk_size)
+    progress_path = os.path.join(sdir, "progress.json")
+    progress = records.read_json(progress_path) if os.path.exists(progress_path) else {"next_chunk": 0}
+    done = progress["next_chunk"]
+    bar = tqdm(total=end - start, initial=min(done * args.chunk_size, end - start), unit="item",
+               desc=f"shard {args.shard}/{args.num_shards}", disable=args.quiet)
+    for c in range(done, num_chunks):
+        lo = start + c * args.chunk_size
+        hi = min(lo + args.chunk_size, end)
+        good, bad = pretok.process_chunk([(i, items[i]) for i in range(lo, hi)])
+        w = records.RecordWriter(os.path.join(sdir, f"chunk{c:05d}.array_record"))
+        for idx, tokens, labels in good:
+            w.write(tokens, labels, idx)
+        w.close()
+        records.write_json_atomic(os.path.join(sdir, f"chunk{c:05d}.json"), {
+            "ids": [g[0] for g in good], "lengths": [int(g[1].size) for g in good],
+            "bad": [{"id": i, "item_id": _item_key(items[i]), "kind": k, "reason": d} for i, k, d in bad]})
+        records.write_json_atomic(progress_path, {"next_chunk": c + 1, "num_chunks": num_chunks})
+        bar.update(hi - lo)
+    bar.close()
+    progress = {"next_chunk": num_chunks, "num_chunks": num_chunks, "finished": True}
+    records.write_json_atomic(progress_path, progress)
+    return progress
+
+
+def _item_key(item):
+    return item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), (str, int)) else None
+
+
+def finalize(out: str, num_shards: int, num_items: int) -> dict | None:
+    """If every shard is finished, assemble the tfds dataset and the report (idempotent); else return None."""
+    with _file_lock(os.path.join(out, WORK, "finalize.lock")):
+        report_path = os.path.join(out, REPORT)
+        if os.path.exists(report_path) and os.path.exists(os.path.join(out, "dataset_info.json")):
+            return records.read_json(report_path)
+        chunks = []
+        for s in range(num_shards):
+            sdir = _shard_dir(out, s, num_shards)
+            p = os.path.join(sdir, "progress.json")
+            if not (os.path.exists(p) and records.read_json(p).get("finished")):
+                return None
+            n = records.read_json(p)["num_chunks"]
+            chunks += [os.path.join(sdir, f"chunk{c:05d}") for c in range(n)]
+        metas = [records.read_json(c + ".json") for c in chunks]
+        nonempty = [(c, m) for c, m in zip(chunks, metas) if m["ids"]]
+        total = len(nonempty)
+        for j, (c, _) in enumerate(nonempty):  # safe to repeat: a done rename leaves only the destination
+            src, dst = c + ".array_record", os.path.join(out, records.shard_filename(j, total))
+            if os.path.exists(src):
+                os.replace(src, dst)
+            elif not os.path.exists(dst):
+                raise FileNotFoundError(f"{src}: chunk file vanished before it was moved to {dst}")
+        ids = np.array([i for _, m in nonempty for i in m["ids"]], np.int64)
+        lengths = np.array([n for _, m in nonempty for n in m["lengths"]], np.int64)
+        if total:
+            records.write_metadata(out, [len(m["ids"]) for _, m in nonempty], ids, lengths)
+        bad = [b for m in metas for b in m["bad"]]
+        kinds: dict[str, int] = {}
+        for b in bad:
+            kinds[b["kind"]] = kinds.get(b["kind"], 0) + 1
+        report = {"num_items": num_items, "num_written": int(ids.size), "num_bad": len(bad), "bad_by_kind": kinds,
+                  "num_tokens": int(lengths.sum()), "bad": bad}
+        records.write_json_atomic(report_path, report)
+        return report
+
+
+def summary_line(report: dict, out: str) -> str:
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(report["bad_by_kind"].items()))
+    return (f"pretokenized {report['num_items']} items: {report['num_written']} written "
+            f"({report['num_tokens']} tokens), {report['num_bad']} bad" + (f" ({kinds})" if kinds else "")
+            + f"; dataset {out}; report {os.path.join(out, REPORT)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lumina_jax.data.pretokenize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="input JSON list of items (the reference's format)")
+    p.add_argument("--out", required=True, help="output dataset directory (created; reused to resume)")
+    p.add_argument("--target-size", type=int, required=True, help="resolution whose crop-size list is used (512, 768, 1024)")
+    p.add_argument("--tokenizer", required=True,
+                   help="text tokenizer: text_tokenizer.json, a Hugging Face tokenizer directory or a SentencePiece .model")
+    p.add_argument("--vqgan", default=None, help="VQGAN checkpoint directory (needed when items have images)")
+    p.add_argument("--shard", type=int, default=0, help="index of this shard, 0..num-shards-1")
+    p.add_argument("--num-shards", type=int, default=1, help="number of shards the items are split into")
+    p.add_argument("--chunk-size", type=int, default=256, help="items per committed chunk (the unit of resumption)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VQGAN encoder call (same-size images batched)")
+    p.add_argument("--max-length", type=int, default=0, help="items with more tokens are reported as bad (0 = no limit)")
+    p.add_argument("--image-root", default=None,
+                   help="directory relative image paths start from (default: the input JSON's directory)")
+    p.add_argument("--random-crop", action="store_true",
+                   help="random crop offsets (seeded per item by --seed and the item index) instead of centred crops")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-crop")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_run_config(args) -> None:
+    """A resumed run must use the same arguments as the first one (except --shard / --quiet / --batch-size)."""
+    os.makedirs(os.path.join(args.out, WORK), exist_ok=True)
+    keys = ("input", "target_size", "tokenizer", "num_shards", "chunk_size", "max_length", "image_root",
+            "random_crop", "seed")
+    cfg = {k: (os.path.abspath(v) if k in ("input", "tokenizer") and v else v) for k, v in vars(args).items() if k in keys}
+    path = os.path.join(args.out, WORK, "run_config.json")
+    with _file_lock(os.path.join(args.out, WORK, "config.lock")):
+        if os.path.exists(path):
+            old = records.read_json(path)
+            diff = sorted(k for k in keys if old.get(k) != cfg.get(k))
+            if diff:
+                raise SystemExit(f"{args.out}: was started with different arguments {diff}: "
+                                 + ", ".join(f"{k}={old.get(k)!r} now {cfg.get(k)!r}" for k in diff))
+        else:
+            records.write_json_atomic(path, cfg)
+
+
+def main(argv=None, image_tokenizer=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.shard < args.num_shards:
+        raise SystemExit(f"--shard {args.shard} is not in 0..{args.num_shards - 1}")
+    if not os.path.isfile(args.input):
+        raise SystemExit(f"{args.input}: input JSON does not exist")
+    with open(args.input, encoding="utf-8") as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{args.input}: not valid JSON ({e})") from None
+    if not isinstance(items, list):
+        raise SystemExit(f"{args.input}: top level must be a list of items")
+    if args.image_root is None:
+        args.image_root = os.path.dirname(os.path.abspath(args.input))
+    _check_run_config(args)
+    t0 = time.time()
+    pretok = Pretokenizer(args.tokenizer, args.vqgan, args.target_size, args.max_length, args.batch_size,
+                          args.random_crop, args.seed, args.image_root, image_tokenizer)
+    run_shard(args, items, pretok)
+    report = finalize(args.out, args.num_shards, len(items))
+    if report is None:
+        print(f"shard {args.shard}/{args.num_shards} finished in {time.time() - t0:.1f}s; "
+              "the dataset is assembled when every shard has finished")
+    else:
+        print(summary_line(report, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
