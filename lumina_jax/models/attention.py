@@ -1,0 +1,208 @@
+"""Chameleon self-attention: per-head q/k LayerNorm, rotate-half RoPE, grouped-query attention, KV cache.
+
+Axis legend used in the einsums below:
+  B batch, T query length (new tokens), S key length (T without a cache, cache slots with one),
+  D model dim, N query heads, K kv heads, G query heads per kv head (N = K * G), H head dim.
+
+Differences from the reference (Hugging Face / Lumina `ChameleonAttention`):
+- attention scores and the softmax are always computed in float32 (the reference eager path does not upcast);
+- the q/k LayerNorm epsilon is a config field (`qk_norm_eps`) instead of a hard-coded 1e-5;
+- the q/k-norm parameters keep the row count of the source file (1 row for Lumina 7B, 4 for 34B, H for
+  Hugging Face checkpoints) and are expanded to heads at run time;
+- a static, preallocated KV cache written at explicit slots, with causality by slot and RoPE by position.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from lumina_jax.config import ChameleonConfig
+
+Array = jax.Array
+
+# Logical axis names of one layer's slice of the KV cache, and of the stacked cache.
+CACHE_LAYER_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "kv")
+CACHE_AXES = ("layers",) + CACHE_LAYER_AXES
+
+
+def default_kernel_init(stddev: float = 0.02):
+    """Normal(0, 0.02), the `initializer_range` of the Hugging Face Chameleon config."""
+    return nn.initializers.normal(stddev)
+
+
+def logical_param(module: nn.Module, name: str, init, shape, dtype, axes):
+    """Declares a parameter boxed with its logical axis names (unboxed transparently at apply time)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Linear(nn.Module):
+    """A bias-free projection: one `kernel` parameter with logical axes, applied by an einsum in `dtype`."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str  # einsum equation "inputs,kernel->outputs"
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = logical_param(self, "kernel", default_kernel_init(), self.shape, self.param_dtype, self.axes)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Static, preallocated key/value cache.
+
+    `k`, `v`: (L, B, S, K, H) for the whole model, or (B, S, K, H) for one layer (the slice `nn.scan` hands
+    each block). Storage goes through `write` and `read` only, so a quantised layout (int8/fp8 values plus
+    per-slot scales as extra fields) can be added there without touching the attention code.
+    """
+
+    k: Array
+    v: Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[-3]
+
+    def write(self, k_new: Array, v_new: Array, cache_index: Array) -> "KVCache":
+        """Writes (B, T, K, H) new keys/values of row b at slots cache_index[b] + arange(T) (one layer)."""
+        def put(buf, new, idx):
+            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (idx, 0, 0))
+
+        k = jax.vmap(put)(self.k, k_new, cache_index)
+        v = jax.vmap(put)(self.v, v_new, cache_index)
+        k = nn.with_logical_constraint(k, CACHE_LAYER_AXES)
+        v = nn.with_logical_constraint(v, CACHE_LAYER_AXES)
+        return KVCache(k=k, v=v)
+
+    def read(self, dtype) -> tuple[Array, Array]:
+        """All slots of one layer as (B, S, K, H) keys and values in `dtype`."""
+        return self.k.astype(dtype), self.v.astype(dtype)
+
+
+def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """A zero KV cache for `batch` rows of `max_len` slots, in `dtype` (default: the compute dtype)."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
+    """cos/sin tables (B, T, H) for rotate-half RoPE: computed in float32, then cast to `dtype` (as HF)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x (B, T, N, H) rotated with the Hugging Face rotate-half layout (dim i pairs with dim i + H/2)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over the head dim with per-head affine parameters stored as `rows` shared rows.
+
+    Row i serves heads i*N/rows .. (i+1)*N/rows - 1. Normalisation runs in float32 (mean, biased variance),
+    the result is cast to the compute dtype and then scaled and shifted, as `F.layer_norm` + affine in torch.
+    """
+
+    num_heads: int
+    rows: int
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # x (B, T, N, H)
+        head_dim = x.shape[-1]
+        axes = ("norm_rows", "kv")
+        scale = logical_param(self, "scale", nn.initializers.ones, (self.rows, head_dim), self.param_dtype, axes)
+        bias = logical_param(self, "bias", nn.initializers.zeros, (self.rows, head_dim), self.param_dtype, axes)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        repeat = self.num_heads // self.rows
+        scale = jnp.repeat(scale.astype(self.dtype), repeat, axis=0)
+        bias = jnp.repeat(bias.astype(self.dtype), repeat, axis=0)
+        return y * scale + bias
+
+
+def attention_mask(
+    q_slots: Array, k_slots: Array, q_segments: Optional[Array], k_segments: Optional[Array]
+) -> Array:
+    """Boolean (B, T, S) mask: key slot <= query slot, and equal segment ids when given."""
+    mask = k_slots[:, None, :] <= q_slots[:, :, None]
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == k_segments[:, None, :]
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention of a Chameleon block (no biases)."""
+
+    config: ChameleonConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        segment_ids: Optional[Array],
+        cache: Optional[KVCache],
+        cache_index: Optional[Array],
+    ) -> tuple[Array, Optional[KVCache]]:
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = Linear((D, N, H), ("embed", "heads", "kv"), "btd,dnh->btnh", dtype, pdtype, name="q_proj")(x)
+        k = Linear((D, K, H), ("embed", "kv_heads", "kv"), "btd,dkh->btkh", dtype, pdtype, name="k_proj")(x)
+        v = Linear((D, K, H), ("embed", "kv_heads", "kv"), "btd,dkh->btkh", dtype, pdtype, name="v_proj")(x)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+        k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv"))
+        v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv"))
+        q = checkpoint_name(q, "query_proj")
+        k = checkpoint_name(k, "key_proj")
+        v = checkpoint_name(v, "value_proj")
+
+        # Per-head LayerNorm before RoPE, in the Hugging Face row order (see spec 1.3.1).
+        q = HeadLayerNorm(N, cfg.q_norm_rows, cfg.qk_norm_eps, dtype, pdtype, name="q_norm")(q)
+        k = HeadLayerNorm(K, cfg.k_norm_rows, cfg.qk_norm_eps, dtype, pdtype, name="k_norm")(k)
+        cos, sin = rope_cos_sin(positions, H, cfg.rope_theta, dtype)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        T = x.shape[1]
+        if cache is None:
+            new_cache = None
+            slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), positions.shape)
+            mask = attention_mask(slots, slots, segment_ids, segment_ids)
+        else:
+            new_cache = cache.write(k, v, cache_index)
+            k, v = new_cache.read(dtype)
+            q_slots = cache_index[:, None] + jnp.arange(T, dtype=jnp.int32)
+            k_slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (k.shape[0], k.shape[1]))
+            mask = attention_mask(q_slots, k_slots, None, None)
+
+        B, G = x.shape[0], N // K
+        qg = q.reshape(B, T, K, G, H)
+        # Scores and softmax in float32 whatever the compute dtype; kv head j serves query heads j*G..j*G+G-1.
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / jnp.sqrt(jnp.float32(H)))
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+        out = Linear((N, H, D), ("heads", "kv", "embed"), "btnh,nhd->btd", dtype, pdtype, name="o_proj")(out)
+        out = checkpoint_name(out, "out_proj")
+        return out, new_cache
