@@ -37,6 +37,7 @@ from lumina_jax.data import records
 
 WORK = "_work"
 REPORT = "pretokenize_report.json"
+COMMIT_DELAY_ENV = "LUMINA_PRETOKENIZE_COMMIT_DELAY_S"
 
 
 class BadItem(Exception):
@@ -181,6 +182,8 @@ def run_shard(args, items: list, pretok: Pretokenizer) -> dict:
         records.write_json_atomic(os.path.join(sdir, f"chunk{c:05d}.json"), {
             "ids": [g[0] for g in good], "lengths": [int(g[1].size) for g in good],
             "bad": [{"id": i, "item_id": _item_key(items[i]), "kind": k, "reason": d} for i, k, d in bad]})
+        if COMMIT_DELAY_ENV in os.environ:  # test hook: widen the window between writing and committing a chunk
+            time.sleep(float(os.environ[COMMIT_DELAY_ENV]))
         records.write_json_atomic(progress_path, {"next_chunk": c + 1, "num_chunks": num_chunks})
         bar.update(hi - lo)
     bar.close()
