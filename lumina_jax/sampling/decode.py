@@ -1,0 +1,219 @@
+"""Prefill + one jitted `lax.while_loop` over a model callback, with guidance rows in the same batch.
+
+Rows 0..B-1 are the conditional sequences. With guidance (cfg != 1) rows B..2B-1 are their unconditional
+twins: while row b is outside an image its twin idles; when row b emits (or its prompt ends inside)
+<racm3:break>, the twin restarts at cache slot 0 / position 0 and from then on is fed the same tokens, so
+when row b holds [.., 8197, h, w, ..] its twin holds [8197, h, w, ..] at positions 0, 1, 2, .. (spec §7.2).
+All per-row decisions come from `processors.RowState`; the KV cache is static and preallocated.
+
+Each step projects the hidden states onto the image ids only; the full-vocabulary projection (and its
+processing) runs under `lax.cond` only when some row is outside an image body.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from lumina_jax.sampling import processors as P
+
+
+class DecodeModel(Protocol):
+    """What the loop needs from a model (all methods traceable; the object must be hashable)."""
+
+    def init_cache(self, batch: int, length: int) -> Any: ...
+
+    def forward(self, params, tokens, positions, cache, cache_index) -> tuple[jax.Array, Any]:
+        """tokens/positions (R, T) int32, cache_index (R,) -> (final hidden (R, T, D), new cache)."""
+
+    def logits(self, params, hidden, vocab_slice) -> jax.Array:
+        """hidden (R, D) -> float logits (R, stop - start) for a static (start, stop), or all if None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChameleonDecodeModel:
+    """`DecodeModel` for `lumina_jax.models.chameleon.Chameleon` (config is a frozen, hashable dataclass)."""
+
+    config: Any  # ChameleonConfig
+    cache_sharding: Any = None  # optional jax.sharding.Sharding for the (L, R, S, K, H) cache arrays
+
+    def init_cache(self, batch, length):
+        from lumina_jax.models.chameleon import init_cache
+
+        cache = init_cache(self.config, batch, length)
+        if self.cache_sharding is not None:
+            cache = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.cache_sharding), cache)
+        return cache
+
+    def forward(self, params, tokens, positions, cache, cache_index):
+        from lumina_jax.models.chameleon import Chameleon
+
+        return Chameleon(self.config).apply({"params": params}, tokens, positions=positions, cache=cache,
+                                            cache_index=cache_index, return_hidden=True)
+
+    def logits(self, params, hidden, vocab_slice):
+        from lumina_jax.models.chameleon import compute_logits
+
+        return compute_logits(params, hidden[:, None, :], self.config, vocab_slice)[:, 0, :].astype(jnp.float32)
+
+
+class DecodeInputs(NamedTuple):
+    """Host-prepared inputs (see `generate.prepare_inputs`); all arrays have leading dim B (cond rows)."""
+
+    prompt: jax.Array  # (B, P) int32, right-padded
+    prompt_len: jax.Array  # (B,) int32
+    uncond_prompt: jax.Array  # (B, Pu) int32: the prompt tail from an open image's <racm3:break>, else [start]
+    uncond_len: jax.Array  # (B,) int32
+    state: P.RowState  # the image state at the end of each prompt
+    row_keys: jax.Array  # (B,) typed PRNG keys, one per row
+    forced_hw: jax.Array  # (B, 2) int32 forced (h, w) patches, -1 = free
+
+
+class DecodeOutput(NamedTuple):
+    tokens: jax.Array  # (B, max_new_tokens) int32 generated ids; -1 after the row stopped
+    state: P.RowState  # final per-row state (num_generated, in_image = an unfinished image, ...)
+    record: Optional[dict]  # per-step logits when record=True (tests and inspection)
+
+
+# ---- progress reporting from inside the jitted loop ------------------------------------------------------
+_progress = threading.local()
+
+
+def _tick(done_steps):
+    fn = getattr(_progress, "fn", None)
+    if fn is not None:
+        fn(int(done_steps))
+
+
+class progress_hook:
+    """Context manager: `fn(step)` is called from the decode loop after every step (host callback)."""
+
+    def __init__(self, fn: Callable[[int], None] | None):
+        self.fn = fn
+
+    def __enter__(self):
+        self.prev, _progress.fn = getattr(_progress, "fn", None), self.fn
+        return self
+
+    def __exit__(self, *exc):
+        _progress.fn = self.prev
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+
+def _sample(model, params, hidden, state, inputs, settings, ids, size_table, record, rec, B):
+    """From final hidden states (R, D) of the last fed tokens: choose each cond row's next token."""
+    guided = settings.use_guidance
+    img = model.logits(params, hidden, ids.image_slice)  # (R, n_img)
+    cond_img, unc_img = (img[:B], img[B:]) if guided else (img, None)
+    keys = P.row_keys_at(inputs.row_keys, state)
+    body = P.process_body(cond_img, unc_img, state, settings)
+    phase = P.phase(state)
+    all_body = jnp.all(state.done | (phase == P.BODY))
+
+    def fast(_):
+        return P.choose_tokens(body, None, state, keys, settings, ids)
+
+    def general(_):
+        full = model.logits(params, hidden[:B], None)
+        other = P.process_other(full, state, settings, ids, size_table if settings.constrain_size else None,
+                                inputs.forced_hw)
+        return P.choose_tokens(body, other, state, keys, settings, ids)
+
+    tok = jax.lax.cond(all_body, fast, general, None)
+    if record:
+        idx = jnp.minimum(state.num_generated, settings.max_new_tokens - 1)
+        rows = jnp.arange(B)
+        act = ~state.done
+
+        def put(buf, val):
+            return buf.at[idx, rows].set(jnp.where(act[:, None], val, buf[idx, rows]))
+
+        rec = dict(rec)
+        rec["cond_image"] = put(rec["cond_image"], cond_img)
+        rec["guided_image"] = put(rec["guided_image"], P.guide(cond_img, unc_img, state, settings.cfg_scale))
+        if guided:
+            rec["uncond_image"] = put(rec["uncond_image"], unc_img)
+        if "cond_full" in rec:
+            rec["cond_full"] = put(rec["cond_full"], model.logits(params, hidden[:B], None))
+    return tok, rec
+
+
+def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.SamplingSettings, ids: P.TokenIds,
+           size_table: jax.Array | None = None, cache_length: int | None = None, record: bool | str = False,
+           progress: bool = False) -> DecodeOutput:
+    """Prefill every row, then sample until every row hit end-of-turn or `max_new_tokens` (traceable).
+
+    `record=True` also returns, per step, the raw conditional and unconditional image-id logits and the
+    guided ones (u + g(c - u) in BODY, c elsewhere); `record="full"` adds the full conditional logits.
+    """
+    B, Pc = inputs.prompt.shape
+    guided = settings.use_guidance
+    max_new = settings.max_new_tokens
+    S = cache_length or (Pc + max_new)
+    if guided:
+        Pu = inputs.uncond_prompt.shape[1]
+        width = max(Pc, Pu)
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+        tokens = jnp.concatenate([pad(inputs.prompt), pad(inputs.uncond_prompt)], axis=0)
+        lens = jnp.concatenate([inputs.prompt_len, inputs.uncond_len])
+    else:
+        tokens, lens = inputs.prompt, inputs.prompt_len
+    R, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
+    cache = model.init_cache(R, S)
+    hidden, cache = model.forward(params, tokens, positions, cache, jnp.zeros((R,), jnp.int32))
+    last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
+
+    rec = None
+    if record:
+        n = ids.num_image_ids
+        rec = {k: jnp.full((max_new, B, n), jnp.nan, jnp.float32) for k in ("cond_image", "guided_image")}
+        if guided:
+            rec["uncond_image"] = jnp.full((max_new, B, n), jnp.nan, jnp.float32)
+        if record == "full":
+            rec["cond_full"] = jnp.full((max_new, B, ids.vocab_size), jnp.nan, jnp.float32)
+
+    state = inputs.state
+    out = jnp.full((B, max_new), -1, jnp.int32)
+    rows = jnp.arange(B)
+
+    def emit(state, out, tok):
+        idx = jnp.minimum(state.num_generated, max_new - 1)
+        out = out.at[rows, idx].set(jnp.where(state.done, out[rows, idx], tok))
+        return P.advance(state, tok, ids, max_new), out
+
+    tok, rec = _sample(model, params, last, state, inputs, settings, ids, size_table, record, rec, B)
+    state, out = emit(state, out, tok)
+    ulen = inputs.uncond_len
+
+    def cond_fn(carry):
+        return ~jnp.all(carry[0].done)
+
+    def body_fn(carry):
+        state, ulen, cache, out, rec, step = carry
+        slot = jnp.minimum(inputs.prompt_len + state.num_generated - 1, S - 1)
+        feed, pos = state.token, slot
+        if guided:
+            restart = state.in_image & (state.header == 0)  # the last token opened an image
+            uslot = jnp.minimum(jnp.where(restart, 0, ulen), S - 1)
+            ulen = jnp.where(state.done, ulen, uslot + 1)
+            feed = jnp.concatenate([feed, feed])
+            pos = jnp.concatenate([slot, uslot])
+        hidden, cache = model.forward(params, feed[:, None], pos[:, None], cache, pos)
+        tok, rec = _sample(model, params, hidden[:, 0], state, inputs, settings, ids, size_table, record, rec, B)
+        state, out = emit(state, out, tok)
+        if progress:
+            jax.debug.callback(_tick, step + 1)
+        return state, ulen, cache, out, rec, step + 1
+
+    carry = (state, ulen, cache, out, rec, jnp.int32(1))
+    state, _, _, out, rec, _ = jax.lax.while_loop(cond_fn, body_fn, carry)
+    return DecodeOutput(out, state, rec)
+
+
+decode_jit = jax.jit(decode, static_argnames=("model", "settings", "ids", "cache_length", "record", "progress"))
