@@ -1,0 +1,327 @@
+"""Device meshes, logical-axis sharding rules, sharded initialisation and loading, replication check.
+
+A mesh has the axes ("data", "fsdp", "tensor"): "data" replicates the model and splits the batch,
+"fsdp" splits the batch and shards parameters (gathered per layer by XLA), "tensor" shards heads, MLP
+width and vocabulary inside each layer. Which parameter dimension goes where is decided by rules kept as
+data (`FSDP_RULES`, `TENSOR_PARALLEL_RULES`): pairs (logical axis name, mesh axis or axes), first match
+wins; a logical name without a free mesh axis stays unsharded. The model's logical names are listed in
+docs/model.md.
+
+Typical use:
+
+    mesh = make_mesh("data=2,fsdp=-1,tensor=2")
+    params = load_params_sharded(ckpt_dir, config, mesh, FSDP_RULES)    # or sharded_init(...)
+    check_replication(params)
+    with sharding_context(mesh, FSDP_RULES):                             # activation constraints
+        logits = jax.jit(forward)(params, tokens)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lumina_jax import checkpoint
+from lumina_jax.config import ChameleonConfig
+from lumina_jax.models.attention import CACHE_AXES, KVCache
+from lumina_jax.models.chameleon import Chameleon, unstack_layers
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, Any], ...]
+
+# Activation and cache rules shared by both parameter layouts: the batch is split over data and fsdp.
+_ACTIVATION_RULES: Rules = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
+)
+
+# FSDP first: the model dimension of every matrix over fsdp, heads / MLP / vocabulary over tensor.
+FSDP_RULES: Rules = (
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("norm", None),
+    ("norm_rows", None),
+) + _ACTIVATION_RULES
+
+# Tensor parallel first: heads / MLP / vocabulary over tensor and fsdp together; the model dimension
+# takes fsdp only where the other dimension could not (e.g. k/v projections with few kv heads).
+TENSOR_PARALLEL_RULES: Rules = (
+    ("heads", ("tensor", "fsdp")),
+    ("heads", "tensor"),
+    ("mlp", ("tensor", "fsdp")),
+    ("mlp", "tensor"),
+    ("vocab", ("tensor", "fsdp")),
+    ("vocab", "tensor"),
+    ("kv_heads", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("layers", None),
+    ("norm", None),
+    ("norm_rows", None),
+) + _ACTIVATION_RULES
+
+RULE_SETS: dict[str, Rules] = {"fsdp": FSDP_RULES, "tensor": TENSOR_PARALLEL_RULES}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Meshes
+
+
+def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: Optional[int] = None) -> dict[str, int]:
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing axes are 1.
+
+    One axis may be -1: it takes the devices left over (needs `num_devices`). With `num_devices` the
+    product must equal it.
+    """
+    if isinstance(spec, str):
+        items = {}
+        for field in filter(None, (f.strip() for f in spec.split(","))):
+            name, sep, value = field.partition("=")
+            name = name.strip()
+            if not sep or name not in MESH_AXES:
+                raise ValueError(f"mesh spec field {field!r}: expected <axis>=<size> with axis in {MESH_AXES}")
+            if name in items:
+                raise ValueError(f"mesh spec field {field!r}: axis {name!r} given twice")
+            try:
+                items[name] = int(value)
+            except ValueError:
+                raise ValueError(f"mesh spec field {field!r}: size {value.strip()!r} is not an integer") from None
+    else:
+        items = dict(spec)
+        for name in items:
+            if name not in MESH_AXES:
+                raise ValueError(f"mesh spec axis {name!r} is unknown; known: {MESH_AXES}")
+    sizes = {name: int(items.get(name, 1)) for name in MESH_AXES}
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh spec field {name}={size}: size must be positive or -1")
+    fill = [n for n, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"mesh spec: only one axis may be -1, got {fill}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices is None:
+            raise ValueError(f"mesh spec axis {fill[0]}=-1 needs the device count to resolve")
+        if num_devices % known:
+            raise ValueError(f"mesh spec axis {fill[0]}=-1: {num_devices} devices do not divide by {known}")
+        sizes[fill[0]] = num_devices // known
+    elif num_devices is not None and known != num_devices:
+        raise ValueError(f"mesh spec {sizes} uses {known} devices but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(spec: str | Mapping[str, int] = "fsdp=-1", devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+    """A mesh with axes ("data", "fsdp", "tensor") of Auto type (what Linen's logical constraints need)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
+    """Activates `mesh` and `rules` so the model's activation constraints apply when a function is traced."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_sharding(mesh: jax.sharding.Mesh, rules: Rules, axes: Sequence[Optional[str]]) -> NamedSharding:
+    """The NamedSharding of an array whose dimensions carry the logical names `axes`."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), rules))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of (B, T) token/position/segment arrays: the batch over the activation-batch mesh axes."""
+    return logical_sharding(mesh, rules, ("activation_batch", "activation_length"))
+
+
+def cache_shardings(mesh: jax.sharding.Mesh, rules: Rules) -> KVCache:
+    """A KVCache of NamedShardings for `init_cache` outputs (jit out_shardings) or device_put."""
+    s = logical_sharding(mesh, rules, CACHE_AXES)
+    return KVCache(k=s, v=s)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter shardings
+
+
+def _fit_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: jax.sharding.Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (those dimensions stay unsharded)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        kept = []
+        for name in names:
+            if dim % (math.prod(mesh.shape[n] for n in kept) * mesh.shape[name]) == 0:
+                kept.append(name)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def abstract_params(config: ChameleonConfig, model: Optional[nn.Module] = None) -> Any:
+    """The boxed (logically partitioned) abstract parameter tree of the decoder; allocates nothing."""
+    model = model or Chameleon(config)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    with nn.logical_axis_rules(()):
+        return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+
+
+def param_shardings(model: Optional[nn.Module], config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+    """NamedShardings matching the unboxed parameter tree, from the logical names and `rules`.
+
+    A mesh axis that does not divide a dimension is dropped for that dimension (so odd shapes still
+    load); `check_replication` reports when that leaves too much of the model replicated.
+    """
+    boxed = abstract_params(config, model)
+    specs = nn.get_partition_spec(boxed)
+    shapes = nn.unbox(boxed)
+    mesh_specs = jax.tree.map(
+        lambda s: nn.logical_to_mesh_axes(tuple(s), rules), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    return jax.tree.map(
+        lambda x, s: NamedSharding(mesh, _fit_spec(x.shape, s, mesh)), shapes, mesh_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def sharded_init(model: Optional[nn.Module], config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules, rng) -> Any:
+    """Random parameters created directly in their shards (no host copy of the full model)."""
+    model = model or Chameleon(config)
+    shardings = param_shardings(model, config, mesh, rules)
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+
+    def init(key):
+        with nn.logical_axis_rules(()):  # init traces the forward on a (1, 1) batch: no activation constraints
+            return nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def _describe(tree: Any, is_leaf=None) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {"/".join(str(getattr(p, "key", p)) for p in path): tuple(x.shape) for path, x in flat}
+
+
+def load_params_sharded(ckpt_dir: str | os.PathLike, config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+    """Restores `ckpt_dir/params` (canonical scanned layout) straight into sharded arrays.
+
+    Arrays are cast to `config.param_dtype`. For an unscanned model (`scan_layers=False`) the scanned tree
+    is restored sharded and then split into layers_0, layers_1, ... on device. Raises CheckpointError
+    naming every missing, unexpected or mis-shaped parameter.
+    """
+    scanned = config.replace(scan_layers=True)
+    shardings = param_shardings(None, scanned, mesh, rules)
+    abstract = nn.unbox(abstract_params(scanned))
+    path = Path(ckpt_dir).absolute() / checkpoint.PARAMS_SUBDIR
+    if not path.exists():
+        raise checkpoint.CheckpointError(f"{path}: no Orbax parameter tree (is {ckpt_dir} a lumina-jax checkpoint?)")
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path).item_metadata.tree
+    have = _describe(stored, is_leaf=lambda x: hasattr(x, "shape"))
+    want = _describe(abstract)
+    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k} {have[k]}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: stored {have[k]}, model wants {want[k]}" for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+    if problems:
+        raise checkpoint.CheckpointError(f"{ckpt_dir}: parameters do not match the model config: " + "; ".join(problems))
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.param_dtype), sharding=s), abstract, shardings
+    )
+    params = checkpoint.restore_params(ckpt_dir, target)
+    if config.scan_layers:
+        return params
+    out_shardings = param_shardings(None, config, mesh, rules)
+    return jax.jit(unstack_layers, out_shardings=out_shardings)(params)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks and multi-host start
+
+
+def check_replication(params_or_shardings: Any, max_replicated_fraction: float = 0.05, shapes: Any = None) -> float:
+    """Raises ValueError if more than `max_replicated_fraction` of all parameter elements are fully replicated.
+
+    Accepts a tree of jax.Arrays, of ShapeDtypeStructs carrying `.sharding`, or of shardings together with a
+    matching tree of `shapes` (anything with `.shape`). Returns the replicated fraction. On a single-device
+    mesh everything is trivially replicated and the check passes.
+    """
+    is_leaf = lambda x: isinstance(x, jax.sharding.Sharding)
+    leaves = jax.tree_util.tree_flatten_with_path(params_or_shardings, is_leaf=is_leaf)[0]
+    shape_leaves = None if shapes is None else jax.tree.leaves(shapes)
+    total, replicated, offenders = 0, 0, []
+    for i, (path, leaf) in enumerate(leaves):
+        sharding = leaf if is_leaf(leaf) else getattr(leaf, "sharding", None)
+        shape = shape_leaves[i].shape if shape_leaves is not None else getattr(leaf, "shape", None)
+        if sharding is None or shape is None:
+            raise ValueError(f"check_replication: leaf {jax.tree_util.keystr(path)} has no sharding or shape")
+        if len(sharding.device_set) == 1:
+            return 0.0
+        size = int(np.prod(shape))
+        total += size
+        if sharding.is_fully_replicated:
+            replicated += size
+            offenders.append((size, jax.tree_util.keystr(path), tuple(shape)))
+    fraction = replicated / max(total, 1)
+    if fraction > max_replicated_fraction:
+        offenders.sort(reverse=True)
+        largest = ", ".join(f"{name} {shape}" for _, name, shape in offenders[:5])
+        raise ValueError(
+            f"{fraction:.1%} of parameters are fully replicated (limit {max_replicated_fraction:.1%}); "
+            f"largest: {largest}"
+        )
+    return fraction
+
+
+def initialize_distributed(
+    coordinator_address: Optional[str] = None, num_processes: Optional[int] = None, process_id: Optional[int] = None
+) -> None:
+    """Opt-in multi-host start: `jax.distributed.initialize` with explicit values or the environment.
+
+    Unset arguments fall back to JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, and then to
+    JAX's cluster auto-detection (SLURM, Kubernetes, Cloud TPU). Call it before any other JAX call.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = _env_int("JAX_NUM_PROCESSES")
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = _env_int("JAX_PROCESS_ID")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} is outside [0, num_processes={num_processes})")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
