@@ -94,7 +94,8 @@ class TrainCheckpointer:
     def __init__(self, directory: str, *, save_interval_steps: int, max_to_keep: int, async_save: bool = True):
         self.directory = epath.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(int(save_interval_steps), 1),
+            # the interval only (Orbax's default policy also saves the first step it sees)
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(max(int(save_interval_steps), 1)),
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=True,

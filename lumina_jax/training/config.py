@@ -42,13 +42,15 @@ class DataConfig:
     seq_len: int = 4096  # packed sequence length in tokens (must fit one image at the stage's resolution)
     global_batch_size: int = 8  # sequences per optimizer step, over all hosts and micro-batches
     seed: int = 0  # shuffling seed of the data pipeline
-    num_workers: int = 0  # grain worker processes per host (0 = in-process)
+    packing: bool = True  # pack several examples per row (best fit); False: one example per row, length-bucketed
+    pad_multiple: int = 256  # unpacked rows are padded to a multiple of this (set = seq_len for one fixed shape)
     synthetic_vocab: int = 0  # synthetic data only: token ids drawn from [0, synthetic_vocab); 0 = model vocab
 
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     mesh: str = "fsdp=-1"  # mesh axes "data=2,fsdp=2,tensor=2"; -1 takes the remaining devices
+    rules: str = "fsdp"  # logical-axis rule set of lumina_jax.sharding.RULE_SETS ("fsdp" or "tensor")
     grad_accum_steps: int = 1  # micro-batches per optimizer step (accumulated with lax.scan)
     coordinator_address: str = ""  # multi-host: "host:port" of process 0 ("" = single process or env/cluster auto)
     num_processes: int = 0  # multi-host: number of processes (0 = from env / single process)
@@ -201,3 +203,26 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
             kw[f.name] = v
         return cls(**kw)
     return build(TrainConfig, d)
+
+
+def fpsft_config(name: str, model: ChameleonConfig, seq_len: int, *, dropout: float, total_steps: int = 20000,
+                 global_batch_size: int = 256, init_from: str = "", zero_image_lm_head: bool = False) -> TrainConfig:
+    """FP-SFT settings of the reference (spec §6, exps/7B.sh), for one stage and model size.
+
+    Step count, batch size per stage and data mix are not published [spec §9 item 5]: total_steps and
+    global_batch_size are placeholders to set per run (the reference: 8 sequences x 32 GPUs, 2 epochs).
+    """
+    return TrainConfig(
+        name=name,
+        total_steps=total_steps,
+        model=model.replace(dropout=dropout, z_loss_weight=1e-5, mask_image_logits=False, param_dtype="float32",
+                            dtype="bfloat16", remat_policy="full", max_position_embeddings=seq_len),
+        # lr = min_lr = 2e-5 as in the reference (so after warm-up the rate is constant); warm-up 1% of the run
+        optimizer=OptimizerConfig(lr=2e-5, min_lr=2e-5, warmup_steps=max(total_steps // 100, 1), weight_decay=0.1,
+                                  clip_grad_norm=4.0),
+        loss=LossConfig(chunk_size=1024),
+        data=DataConfig(seq_len=seq_len, global_batch_size=global_batch_size),
+        parallel=ParallelConfig(mesh="fsdp=-1", rules="fsdp"),
+        checkpoint=CheckpointConfig(save_interval_steps=1000, max_to_keep=2, init_from=init_from,
+                                    zero_image_lm_head=zero_image_lm_head),
+    )
