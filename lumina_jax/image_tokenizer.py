@@ -13,6 +13,7 @@ mapped with `(x+1)/2*255` in float32 and truncated (not rounded) to uint8. No re
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -67,6 +68,18 @@ def postprocess(image: Any) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(config: VQGANConfig, dtype: str):
+    """(module, jitted encode_with_features, jitted decode), shared by every tokenizer of the same config.
+
+    `encode` uses `encode_with_features` too (the extra outputs are small), so one executable per shape.
+    """
+    model = VQGAN(config, dtype=jnp.dtype(dtype))
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQGAN.encode_with_features))
+    decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQGAN.decode))
+    return model, encode, decode
+
+
 class ImageTokenizer:
     """A VQGAN with jitted, batched `encode` / `decode` (compiled once per input shape).
 
@@ -80,7 +93,7 @@ class ImageTokenizer:
         if dtype not in DTYPES:
             raise ValueError(f"ImageTokenizer: dtype must be one of {DTYPES}, got '{dtype}'")
         self.config, self.dtype, self.mesh = config, dtype, mesh
-        self.model = VQGAN(config, dtype=jnp.dtype(dtype))
+        self.model = _compiled(config, dtype)[0]
         if mesh is not None:
             P, S = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
             self.batch_axes = tuple(batch_axes)
@@ -91,9 +104,7 @@ class ImageTokenizer:
             self._batch_sharding, self._batch_size_multiple = None, 1
             params = jax.tree.map(jnp.asarray, params)
         self.params = params
-        model = self.model
-        self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQGAN.encode))
-        self._decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQGAN.decode))
+        _, self._encode_with_features, self._decode = _compiled(config, dtype)
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, dtype: str = "float32", **kwargs) -> "ImageTokenizer":
@@ -120,6 +131,15 @@ class ImageTokenizer:
 
     def encode(self, images: Any) -> jax.Array:
         """(B, H, W, 3) float in [-1, 1], H and W multiples of the downsampling factor -> (B, H/f, W/f) int32."""
+        x, b = self._place(self._check_images(images))
+        return self._encode_with_features(self.params, x)[2][:b]
+
+    def encode_with_features(self, images: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(encoder output (B, h, w, z_channels), quant_conv output (B, h, w, D), codes (B, h, w)), float32."""
+        x, b = self._place(self._check_images(images))
+        return tuple(a[:b] for a in self._encode_with_features(self.params, x))
+
+    def _check_images(self, images: Any) -> jax.Array:
         images = jnp.asarray(images, jnp.float32)
         f, c = self.downsample_factor, self.config.in_channels
         if images.ndim != 4 or images.shape[-1] != c:
@@ -127,8 +147,7 @@ class ImageTokenizer:
         if images.shape[1] % f or images.shape[2] % f or images.shape[1] == 0 or images.shape[2] == 0:
             raise ValueError(f"ImageTokenizer.encode: height and width must be positive multiples of {f}, "
                              f"got {images.shape[1]}x{images.shape[2]}")
-        x, b = self._place(images)
-        return self._encode(self.params, x)[:b]
+        return images
 
     def decode(self, codes: Any) -> jax.Array:
         """(B, h, w) int codes -> (B, f*h, f*w, 3) float32 images, unclamped."""

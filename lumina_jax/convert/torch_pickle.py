@@ -13,6 +13,7 @@ format): `torch.load(weights_only=True)`, which needs the optional torch depende
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import dataclasses
 import io
@@ -205,6 +206,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._storages: dict[str, StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 pickles (torch.save's default) spell Python 3 names the Python 2 way (`__builtin__.set`)
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         qualified = f"{module}.{name}"
         if qualified not in ALLOWED_GLOBALS:
             raise ConversionError(f"{self._archive.path}: refusing to load: the pickle references '{qualified}', "

@@ -35,9 +35,9 @@ def flax_to_torch_key(path: tuple[str, ...]) -> str:
     if path == ("quantize", "embedding"):
         return "quantize.embedding.weight"
     parts = []
-    for p in path[:-1]:
-        m = _INDEXED.match(p)
-        parts.extend([m.group(1), m.group(2)] if m else [p])
+    for parent, p in zip(("",) + path[:-2], path[:-1]):
+        m = _INDEXED.match(p)  # ModuleList entries; `mid.block_1` / `mid.attn_1` are plain attribute names
+        parts.extend([m.group(1), m.group(2)] if m and parent != "mid" else [p])
     leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
     return ".".join(parts + [leaf])
 

@@ -19,6 +19,7 @@ Differences from the reference (taming `Encoder`/`Decoder`/`VectorQuantizer`, sp
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -324,6 +325,12 @@ class VQGAN(nn.Module):
         """quant_conv(encoder(images)) (B, h, w, D), float32: the vectors that get quantized."""
         return self.quant_conv(self.encoder(images)).astype(jnp.float32)
 
+    def encode_with_features(self, images):
+        """(encoder output, quant_conv output, codes): the intermediate results of `encode`, float32."""
+        feats = self.encoder(images)
+        latents = self.quant_conv(feats).astype(jnp.float32)
+        return feats.astype(jnp.float32), latents, nearest_codes(latents, self.quantize.embedding)
+
     def encode(self, images):
         """images (B, H, W, 3) in [-1, 1] -> codes (B, H/f, W/f) int32, raster order."""
         return nearest_codes(self.encode_latents(images), self.quantize.embedding)
@@ -386,8 +393,9 @@ def init_params(config: VQGANConfig, rng: jax.Array | int) -> dict:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_params(config: VQGANConfig) -> dict:
-    """ShapeDtypeStructs of the parameter tree, without allocating anything."""
+    """ShapeDtypeStructs of the parameter tree, without allocating anything (cached per config; do not mutate)."""
     f = config.downsample_factor
     x = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
     return jax.eval_shape(VQGAN(config).init, jax.random.key(0), x)["params"]
