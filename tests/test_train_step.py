@@ -1,12 +1,12 @@
 """The jitted train step: sharded == single device, accumulation == whole batch, per-shard dropout noise."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lumina_jax import sharding
 from lumina_jax.config import get_config
 from lumina_jax.models.chameleon import Chameleon
 from lumina_jax.training import train_step as ts
@@ -29,7 +29,7 @@ def _ctx(mesh_spec, *, accum=1, dropout=0.0, chunk=8, fused=True, eps=1e-8):
 def _one_step(mesh_spec):
     """Two steps (dropout on, accumulation 2); returns host copies of params and both metrics."""
     ctx = _ctx(mesh_spec, accum=2, dropout=0.1, eps=1e-3)
-    sh = ts.state_shardings(ctx, ts.abstract_state(ctx), ts.param_shardings(ctx.model_config, ctx.mesh, RULES))
+    sh = ts.state_shardings(ctx, ts.abstract_state(ctx), sharding.param_shardings(None, ctx.model_config, ctx.mesh, RULES))
     state = ts.init_state(ctx, sh, seed=0)
     step = ts.jit_train_step(ctx, sh)
     batch = ts.global_batch(ctx, synthetic_global_batch(0, 0, 16, SEQ, ctx.model_config.vocab_size))
@@ -57,7 +57,7 @@ def test_grad_accumulation_equals_whole_batch():
     results = {}
     for k in (1, 4):
         ctx = _ctx("fsdp=1", accum=k)
-        psh = ts.param_shardings(ctx.model_config, ctx.mesh, RULES)
+        psh = sharding.param_shardings(None, ctx.model_config, ctx.mesh, RULES)
         params = ts.init_state(ctx, ts.state_shardings(ctx, ts.abstract_state(ctx), psh), seed=3)["params"]
         grad = ts.jit_grad_fn(ctx, psh)
         results[k] = jax.device_get(grad(params, ts.global_batch(ctx, batch_np), jnp.int32(0),
@@ -81,8 +81,8 @@ def test_dropout_noise_differs_per_data_shard_but_not_per_mesh():
     outs = {}
     for spec in ("fsdp=1", "data=2,fsdp=2,tensor=2"):
         mesh = make_mesh(spec)
-        bsh = ts.logical_sharding(mesh, RULES, ts.BATCH_LOGICAL_AXES)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        bsh = sharding.batch_sharding(mesh, RULES)
+        with sharding.sharding_context(mesh, RULES):
             fn = jax.jit(lambda p, t, k: model.apply(p, t, deterministic=False, return_hidden=True,
                                                      rngs={"dropout": k}), in_shardings=(None, bsh, None))
             outs[spec] = np.asarray(fn({"params": params}, tokens, key))

@@ -21,13 +21,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lumina_jax import sharding
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.chameleon import Chameleon, compute_logits
 from lumina_jax.training.config import LossConfig
 from lumina_jax.training.loss import chunked_loss_sums
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
-BATCH_LOGICAL_AXES = ("activation_batch", "activation_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,21 +43,8 @@ class StepContext:
     rules: tuple  # logical axis rules ((logical, mesh axes), ...)
 
 
-def logical_sharding(mesh, rules, logical_axes) -> NamedSharding:
-    spec = nn.logical_to_mesh_axes(logical_axes, rules)
-    return NamedSharding(mesh, spec)
-
-
 def batch_sharding(ctx: StepContext) -> NamedSharding:
-    return logical_sharding(ctx.mesh, ctx.rules, BATCH_LOGICAL_AXES)
-
-
-def param_shardings(model_config: ChameleonConfig, mesh, rules) -> Any:
-    """NamedShardings of the (unboxed) parameter tree from the modules' logical axis names."""
-    model = Chameleon(model_config)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    specs = nn.get_partition_spec(boxed)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return sharding.batch_sharding(ctx.mesh, ctx.rules)
 
 
 def state_shardings(ctx: StepContext, abstract_state: Any, params_sharding: Any) -> Any:
@@ -94,13 +81,13 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def init_state(ctx: StepContext, shardings: Any, seed: int, params: Any = None) -> Any:
     """Sharded state: random parameters from `seed`, or the given (already sharded) `params`."""
     model = Chameleon(ctx.model_config)
-    with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
-        if params is None:
-            def build(key):
+    if params is None:
+        def build(key):
+            with nn.logical_axis_rules(()):  # init traces a (1, 1) batch: no activation constraints
                 p = nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-                return _new_state(ctx.tx, p, seed)
-            return jax.jit(build, out_shardings=shardings)(jax.random.key(seed))
-        return jax.jit(lambda p: _new_state(ctx.tx, p, seed), out_shardings=shardings)(params)
+            return _new_state(ctx.tx, p, seed)
+        return jax.jit(build, out_shardings=shardings)(jax.random.key(seed))
+    return jax.jit(lambda p: _new_state(ctx.tx, p, seed), out_shardings=shardings)(params)
 
 
 def _split_micro_batches(batch: dict, k: int) -> dict:
@@ -203,7 +190,7 @@ def jit_train_step(ctx: StepContext, shardings: Any):
     )
 
     def run(state, batch):
-        with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+        with sharding.sharding_context(ctx.mesh, ctx.rules):
             return jitted(state, {k: batch[k] for k in BATCH_KEYS})
 
     run.jitted = jitted
@@ -225,7 +212,7 @@ def jit_grad_fn(ctx: StepContext, params_sharding: Any):
                      out_shardings=(params_sharding, replicated))
 
     def run(params, batch, step, rng):
-        with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+        with sharding.sharding_context(ctx.mesh, ctx.rules):
             return jitted(params, {k: batch[k] for k in BATCH_KEYS}, step, rng)
 
     return run
