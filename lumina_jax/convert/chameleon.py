@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,71 +48,88 @@ TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat1
                      np.dtype(np.float16): "float16"}
 
 
-# --------------------------------------------------------------------------------------- transforms
+# ---------------------------------------------------------------------------------------- key table
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """HF tensor <-> our parameter: the shapes on both sides (from the config) and the two directions."""
+    """HF tensor -> our parameter: either a copy, or a transpose of a torch Linear weight (out, in) to a Flax
+    kernel (in, out) followed by a reshape that splits heads (a view: no data moves in the reshape)."""
 
     name: str
     hf_shape: Callable[[ChameleonConfig], tuple[int, ...]]
     param_shape: Callable[[ChameleonConfig], tuple[int, ...]]
-    to_param: Callable[[np.ndarray, ChameleonConfig], np.ndarray]
-    to_hf: Callable[[np.ndarray, ChameleonConfig], np.ndarray]
+    transpose: bool
 
 
 def _copy(shape):
-    return Transform("copy", shape, shape, lambda x, c: x, lambda y, c: y)
+    return Transform("copy", shape, shape, transpose=False)
 
 
-def _transpose(hf_shape):
-    """torch Linear weight (out, in) -> Flax kernel (in, out)."""
-    return Transform("transpose", hf_shape, lambda c: hf_shape(c)[::-1], lambda x, c: x.T, lambda y, c: y.T)
+D = lambda c: c.hidden_size  # noqa: E731
+F = lambda c: c.intermediate_size  # noqa: E731
+V = lambda c: c.vocab_size  # noqa: E731
+Dh = lambda c: c.head_dim  # noqa: E731
+H = lambda c: c.num_heads  # noqa: E731
+K = lambda c: c.num_kv_heads  # noqa: E731
 
-
-def _in_heads(heads: Callable[[ChameleonConfig], int]):
-    """q/k/v Linear weight (N*Dh, D) -> kernel (D, N, Dh)."""
-    return Transform(
-        "transpose, split heads",
-        lambda c: (heads(c) * c.head_dim, c.hidden_size),
-        lambda c: (c.hidden_size, heads(c), c.head_dim),
-        lambda x, c: x.T.reshape(c.hidden_size, heads(c), c.head_dim),
-        lambda y, c: y.reshape(c.hidden_size, heads(c) * c.head_dim).T,
-    )
-
-
-# o_proj Linear weight (D, H*Dh) -> kernel (H, Dh, D)
-_OUT_HEADS = Transform(
-    "transpose, split heads",
-    lambda c: (c.hidden_size, c.num_heads * c.head_dim),
-    lambda c: (c.num_heads, c.head_dim, c.hidden_size),
-    lambda x, c: x.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
-    lambda y, c: y.reshape(c.num_heads * c.head_dim, c.hidden_size).T,
-)
-
-_D = lambda c: (c.hidden_size,)  # noqa: E731
-_Q_ROWS = lambda c: (c.q_norm_rows, c.head_dim)  # noqa: E731
-_K_ROWS = lambda c: (c.k_norm_rows, c.head_dim)  # noqa: E731
+_Q_IN = Transform("(H*Dh, D) -> transpose (D, H*Dh) -> (D, H, Dh)",
+                  lambda c: (H(c) * Dh(c), D(c)), lambda c: (D(c), H(c), Dh(c)), transpose=True)
+_KV_IN = Transform("(K*Dh, D) -> transpose (D, K*Dh) -> (D, K, Dh)",
+                   lambda c: (K(c) * Dh(c), D(c)), lambda c: (D(c), K(c), Dh(c)), transpose=True)
+_O_OUT = Transform("(D, H*Dh) -> transpose (H*Dh, D) -> (H, Dh, D)",
+                   lambda c: (D(c), H(c) * Dh(c)), lambda c: (H(c), Dh(c), D(c)), transpose=True)
+_UP = Transform("(F, D) -> transpose (D, F)", lambda c: (F(c), D(c)), lambda c: (D(c), F(c)), transpose=True)
+_DOWN = Transform("(D, F) -> transpose (F, D)", lambda c: (D(c), F(c)), lambda c: (F(c), D(c)), transpose=True)
+_HEAD = Transform("(V, D) -> transpose (D, V)", lambda c: (V(c), D(c)), lambda c: (D(c), V(c)), transpose=True)
+_Q_ROWS = _copy(lambda c: (c.q_norm_rows, Dh(c)))  # rows as stored: 1, model-parallel size, or H
+_K_ROWS = _copy(lambda c: (c.k_norm_rows, Dh(c)))
+_NORM = _copy(lambda c: (D(c),))
 
 # HF key pattern -> (our parameter path, transform). Per-layer keys (with {L}) stack on a leading L axis.
 KEY_TABLE: dict[str, tuple[str, Transform]] = {
-    "model.embed_tokens.weight": ("embed_tokens/embedding", _copy(lambda c: (c.vocab_size, c.hidden_size))),
-    "model.layers.{L}.self_attn.q_proj.weight": ("layers/self_attn/q_proj/kernel", _in_heads(lambda c: c.num_heads)),
-    "model.layers.{L}.self_attn.k_proj.weight": ("layers/self_attn/k_proj/kernel", _in_heads(lambda c: c.num_kv_heads)),
-    "model.layers.{L}.self_attn.v_proj.weight": ("layers/self_attn/v_proj/kernel", _in_heads(lambda c: c.num_kv_heads)),
-    "model.layers.{L}.self_attn.o_proj.weight": ("layers/self_attn/o_proj/kernel", _OUT_HEADS),
-    "model.layers.{L}.self_attn.q_norm.weight": ("layers/self_attn/q_norm/scale", _copy(_Q_ROWS)),
-    "model.layers.{L}.self_attn.q_norm.bias": ("layers/self_attn/q_norm/bias", _copy(_Q_ROWS)),
-    "model.layers.{L}.self_attn.k_norm.weight": ("layers/self_attn/k_norm/scale", _copy(_K_ROWS)),
-    "model.layers.{L}.self_attn.k_norm.bias": ("layers/self_attn/k_norm/bias", _copy(_K_ROWS)),
-    "model.layers.{L}.mlp.gate_proj.weight": ("layers/mlp/gate_proj/kernel", _transpose(lambda c: (c.intermediate_size, c.hidden_size))),
-    "model.layers.{L}.mlp.up_proj.weight": ("layers/mlp/up_proj/kernel", _transpose(lambda c: (c.intermediate_size, c.hidden_size))),
-    "model.layers.{L}.mlp.down_proj.weight": ("layers/mlp/down_proj/kernel", _transpose(lambda c: (c.hidden_size, c.intermediate_size))),
-    "model.layers.{L}.input_layernorm.weight": ("layers/input_layernorm/scale", _copy(_D)),
-    "model.layers.{L}.post_attention_layernorm.weight": ("layers/post_attention_layernorm/scale", _copy(_D)),
-    "model.norm.weight": ("norm/scale", _copy(_D)),
-    "lm_head.weight": ("lm_head/kernel", _transpose(lambda c: (c.vocab_size, c.hidden_size))),
+    "model.embed_tokens.weight": ("embed_tokens/embedding", _copy(lambda c: (V(c), D(c)))),
+    "model.layers.{L}.self_attn.q_proj.weight": ("layers/self_attn/q_proj/kernel", _Q_IN),
+    "model.layers.{L}.self_attn.k_proj.weight": ("layers/self_attn/k_proj/kernel", _KV_IN),
+    "model.layers.{L}.self_attn.v_proj.weight": ("layers/self_attn/v_proj/kernel", _KV_IN),
+    "model.layers.{L}.self_attn.o_proj.weight": ("layers/self_attn/o_proj/kernel", _O_OUT),
+    "model.layers.{L}.self_attn.q_norm.weight": ("layers/self_attn/q_norm/scale", _Q_ROWS),
+    "model.layers.{L}.self_attn.q_norm.bias": ("layers/self_attn/q_norm/bias", _Q_ROWS),
+    "model.layers.{L}.self_attn.k_norm.weight": ("layers/self_attn/k_norm/scale", _K_ROWS),
+    "model.layers.{L}.self_attn.k_norm.bias": ("layers/self_attn/k_norm/bias", _K_ROWS),
+    "model.layers.{L}.mlp.gate_proj.weight": ("layers/mlp/gate_proj/kernel", _UP),
+    "model.layers.{L}.mlp.up_proj.weight": ("layers/mlp/up_proj/kernel", _UP),
+    "model.layers.{L}.mlp.down_proj.weight": ("layers/mlp/down_proj/kernel", _DOWN),
+    "model.layers.{L}.input_layernorm.weight": ("layers/input_layernorm/scale", _NORM),
+    "model.layers.{L}.post_attention_layernorm.weight": ("layers/post_attention_layernorm/scale", _NORM),
+    "model.norm.weight": ("norm/scale", _NORM),
+    "lm_head.weight": ("lm_head/kernel", _HEAD),
 }
+
+
+def transpose_into(dest: np.ndarray, src: np.ndarray, block: int = 16) -> None:
+    """dest[...] = src.T for 2-D arrays (casting to dest's dtype), in blocks of source rows: 3-4x faster than
+    one strided copy for large matrices because each block's reads and writes stay in cache."""
+    for i in range(0, src.shape[0], block):
+        dest[:, i:i + block] = src[i:i + block].T
+
+
+def hf_to_param(x: np.ndarray, t: Transform, cfg: ChameleonConfig, dest: np.ndarray) -> None:
+    """Writes HF tensor `x` into the (contiguous) parameter slot `dest`."""
+    if t.transpose:
+        transpose_into(dest.reshape(x.shape[::-1]), x)
+    else:
+        dest[...] = x
+
+
+def param_to_hf(y: np.ndarray, t: Transform, cfg: ChameleonConfig, dtype) -> np.ndarray:
+    """Our parameter `y` -> a new contiguous HF tensor of `dtype`."""
+    hf_shape = tuple(t.hf_shape(cfg))
+    out = np.empty(hf_shape, dtype)
+    if t.transpose:
+        transpose_into(out, np.ascontiguousarray(y).reshape(hf_shape[::-1]))
+    else:
+        out[...] = y
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +244,29 @@ def _check_keys(files: sio.ModelFiles, plans: list[KeyPlan], source: Path) -> di
     return skipped
 
 
+def save_params_in_place(directory: Path, params: dict) -> None:
+    """`checkpoint.save_params` without Orbax's defensive copy of numpy leaves (one copy of the model, not two).
+
+    Same on-disk format (a PyTree checkpoint under `directory/params`, read by `checkpoint.restore_params`);
+    safe here because nothing mutates the arrays while the synchronous save runs.
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src.serialization import type_handler_registry as registry
+
+    handlers = [(ty, h) for ty, h in registry._DEFAULT_TYPE_HANDLERS if ty is not np.ndarray]
+    handlers.append((np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry(*handlers))
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(Path(directory).absolute() / checkpoint.PARAMS_SUBDIR, args=ocp.args.PyTreeSave(params))
+
+
+def _publishable(tmp: Path) -> None:
+    """atomic_directory's temporary directory is private (0700, from mkdtemp); give the result the usual mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+
+
 def _read_hf_config(path: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
@@ -280,15 +321,14 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
     with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
         leaves = {path: np.empty(shape, leaf_dtype[path]) for path, shape in shapes.items()}
         total = sum(files.tensors[p.hf_key].nbytes for p in plans)
+        _publishable(tmp)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
                   file=sys.stderr) as bar:
             for p in plans:
-                value = p.transform.to_param(files.read(p.hf_key), cfg)
                 dest = leaves[p.path] if p.layer is None else leaves[p.path][p.layer]
-                dest[...] = value.astype(leaf_dtype[p.path], copy=False)
-                del value
+                hf_to_param(files.read(p.hf_key), p.transform, cfg, dest)
                 bar.update(files.tensors[p.hf_key].nbytes)
-        checkpoint.save_params(tmp, unflatten(leaves))
+        save_params_in_place(tmp, unflatten(leaves))
         del leaves
         checkpoint.write_json(tmp, "config.json", cfg.to_dict())
         shutil.copyfile(src / "config.json", tmp / "hf_config.json")
@@ -357,7 +397,7 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
             if plan.path.endswith(("q_norm/scale", "q_norm/bias", "k_norm/scale", "k_norm/bias")):
                 rows = export_cfg.q_norm_rows if "/q_norm/" in plan.path else export_cfg.k_norm_rows
                 leaf = np.repeat(leaf, rows // leaf.shape[0], axis=0)  # expand shared rows to heads
-            return np.ascontiguousarray(plan.transform.to_hf(leaf, export_cfg).astype(out_dtype, copy=False))
+            return param_to_hf(leaf, plan.transform, export_cfg, out_dtype)
         return produce
 
     specs = []
@@ -375,6 +415,7 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
                 hf[key] = torch_dtype
 
     with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+        _publishable(tmp)
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
                   disable=not progress, file=sys.stderr) as bar:
             names = sio.write_model(tmp, specs, limit, metadata={"format": "pt"},
