@@ -1,0 +1,187 @@
+"""The two programs the tool compiles, lowered from abstract sharded inputs (nothing is allocated):
+
+- `lower_train`: the real train step of `lumina_jax.training.train_step` (optimizer state, remat policy,
+  gradient accumulation and loss chunking of the TrainConfig);
+- `lower_generate`: the real prefill + decode loop of `lumina_jax.sampling.decode` with guidance rows,
+  for a batch of prompts and one image of the requested size per prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lumina_jax import sharding
+from lumina_jax.aot.analysis import JaxprStats, analyse_jaxpr
+from lumina_jax.config import ChameleonConfig
+from lumina_jax.models.attention import CACHE_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSpec:
+    """Generation workload of `--mode generate` (set with generate.<field>=value)."""
+
+    batch_size: int = 1  # prompts decoded together (guidance doubles the rows run through the model)
+    image_size: int = 768  # generate one image_size x image_size image per prompt
+    prompt_len: int = 64  # prompt tokens per row (padded up to the sampler's 64-token bucket)
+    cfg_scale: float = 4.0  # classifier-free guidance; 1.0 = off (no unconditional rows)
+    image_top_k: int = 2000  # image top-k (a static shape of the sampler)
+    text_top_k: int = 10  # text top-k
+    param_dtype: str = "bfloat16"  # weights as served (converted checkpoints are bf16)
+    extra_tokens: int = 8  # tokens allowed beyond the image (end of turn, ...)
+
+
+@dataclasses.dataclass
+class Program:
+    """A lowered program plus what the report needs to describe it."""
+
+    mode: str  # "train" or "generate"
+    lowered: Any  # jax.stages.Lowered
+    groups: dict  # per-device bytes of the inputs by kind ("parameters", "optimizer state", "batch", ...)
+    jaxpr_stats: JaxprStats
+    model_flops: float  # per step over all devices: 6N + attention (train), see `describe`
+    workload: dict  # human-readable facts (batch, tokens, accumulation, remat, ...)
+    param_shardings: Any  # NamedShardings of the parameter tree
+    param_shapes: Any  # ShapeDtypeStructs of the parameter tree
+    decode: Optional[dict] = None  # generate mode: per-step figures for the decode-speed estimate
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        try:
+            itemsize = np.dtype(x.dtype).itemsize
+        except TypeError:  # typed PRNG keys: the key data
+            itemsize = 8
+        total += math.prod(shape) * itemsize
+    return total
+
+
+def _matmul_params(cfg: ChameleonConfig) -> int:
+    """Parameters that take part in matrix products (everything but the embedding table and norms)."""
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    attn = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    return L * (attn + 3 * D * F) + D * cfg.vocab_size
+
+
+def _attach(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _rules(name: str):
+    if name not in sharding.RULE_SETS:
+        raise ValueError(f"parallel.rules={name!r} is unknown; known: {sorted(sharding.RULE_SETS)}")
+    return sharding.RULE_SETS[name]
+
+
+def lower_train(cfg: Any, mesh: jax.sharding.Mesh) -> Program:
+    """Lowers the train step of `cfg` (a TrainConfig) on `mesh` with abstract sharded state and batch."""
+    from lumina_jax.training import train_step as ts
+    from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
+
+    model_cfg, p = cfg.model, cfg.parallel
+    rules = _rules(p.rules)
+    B, T, k = cfg.data.global_batch_size, cfg.data.seq_len, p.grad_accum_steps
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if B % k or (B // k) % batch_shards:
+        raise ValueError(f"data.global_batch_size={B} / parallel.grad_accum_steps={k} does not divide over the "
+                         f"{batch_shards} batch shards (data x fsdp) of mesh {dict(mesh.shape)}")
+    tx = make_optimizer(cfg.optimizer, cfg.total_steps)
+    ctx = ts.StepContext(model_cfg, cfg.loss, tx, learning_rate_schedule(cfg.optimizer, cfg.total_steps), k, mesh, rules)
+    psh = sharding.param_shardings(None, model_cfg, mesh, rules)
+    abstract = ts.abstract_state(ctx, cfg.seed)
+    shardings = ts.state_shardings(ctx, abstract, psh)
+    state = ts.with_shardings(abstract, shardings)
+    bsh = ts.batch_sharding(ctx)
+    batch = {key: jax.ShapeDtypeStruct((B, T), jnp.float32 if key == "weights" else jnp.int32, sharding=bsh)
+             for key in ts.BATCH_KEYS}
+    step = ts.jit_train_step(ctx, shardings)
+    with sharding.sharding_context(mesh, rules):
+        lowered = step.jitted.lower(state, batch)
+        stats = analyse_jaxpr(jax.make_jaxpr(ts.make_train_step(ctx))(state, batch))
+    n_mm = _matmul_params(model_cfg)
+    attention = 12.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * T
+    return Program(
+        mode="train", lowered=lowered,
+        groups={"parameters": device_bytes(state["params"]), "optimizer state": device_bytes(state["opt_state"]),
+                "step, rng": device_bytes({"s": state["step"], "r": state["rng"]}), "batch": device_bytes(batch)},
+        jaxpr_stats=stats, model_flops=(6.0 * n_mm + attention) * B * T,
+        workload={"global batch": f"{B} x {T} tokens", "per device": f"{B / mesh.size:g} sequences",
+                  "grad accumulation": k, "remat": model_cfg.remat_policy, "rules": p.rules,
+                  "dtypes": f"params {model_cfg.param_dtype}, compute {model_cfg.dtype}",
+                  "loss chunk": cfg.loss.chunk_size},
+        param_shardings=psh, param_shapes=state["params"],
+    )
+
+
+def token_ids_for(cfg: ChameleonConfig):
+    """The sampler's special ids: Chameleon's for the full vocabulary, a compact layout for tiny test models."""
+    from lumina_jax.sampling.processors import TokenIds
+
+    if cfg.vocab_size >= TokenIds().vocab_size:
+        return TokenIds(vocab_size=cfg.vocab_size)
+    end = cfg.image_token_end
+    return TokenIds(image_start=end + 1, image_end=end, new_line=end + 3, size_base=end + 4, end_of_turn=end + 2,
+                    image_first=cfg.image_token_start, image_last=end, vocab_size=cfg.vocab_size)
+
+
+def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sharding.Mesh, rules_name: str) -> Program:
+    """Lowers prefill + the guided decode loop for `spec.batch_size` prompts of `spec.prompt_len` tokens."""
+    from lumina_jax.sampling import processors as P
+    from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
+    from lumina_jax.sampling.generate import prepare_inputs, size_table_from_crops
+    from lumina_jax.unirep import crop_size_list, unirep_length
+
+    rules = _rules(rules_name)
+    if spec.batch_size < 1 or spec.prompt_len < 1:
+        raise ValueError(f"generate.batch_size={spec.batch_size} and generate.prompt_len={spec.prompt_len} must be >= 1")
+    if spec.image_size % 32:
+        raise ValueError(f"generate.image_size={spec.image_size} must be a multiple of 32")
+    cfg = model_cfg.replace(param_dtype=spec.param_dtype, dropout=0.0, remat_policy="none")
+    ids = token_ids_for(cfg)
+    max_new = unirep_length(spec.image_size, spec.image_size) + spec.extra_tokens
+    settings = P.SamplingSettings(cfg_scale=spec.cfg_scale, image_top_k=min(spec.image_top_k, ids.num_image_ids),
+                                  text_top_k=spec.text_top_k, max_new_tokens=max_new)
+    prompt = [0] + [ids.image_first + 1] * (spec.prompt_len - 1)  # text-only prompts; contents do not matter here
+    host = prepare_inputs([prompt] * spec.batch_size, list(range(spec.batch_size)), ids)
+    table = size_table_from_crops(crop_size_list(spec.image_size))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), host)
+    table = jax.ShapeDtypeStruct(table.shape, jnp.bool_, sharding=replicated)
+    psh = sharding.param_shardings(None, cfg, mesh, rules)
+    params = _attach(nn.unbox(sharding.abstract_params(cfg)), psh)
+    cache_sh = sharding.logical_sharding(mesh, rules, CACHE_AXES)
+    dm = ChameleonDecodeModel(cfg, cache_sharding=cache_sh)
+    rows = spec.batch_size * (2 if settings.use_guidance else 1)
+    S = host.prompt.shape[1] + max_new
+    kv_shape = (cfg.num_layers, rows, S, cfg.num_kv_heads, cfg.head_dim)
+    kv = jax.ShapeDtypeStruct(kv_shape, jnp.dtype(cfg.dtype), sharding=cache_sh)
+    with sharding.sharding_context(mesh, rules):
+        lowered = decode_jit.lower(dm, params, inputs, settings=settings, ids=ids, size_table=table)
+        closed = jax.make_jaxpr(lambda p, i, t: decode_jit(dm, p, i, settings=settings, ids=ids, size_table=t))(
+            params, inputs, table)
+    stats = analyse_jaxpr(closed)
+    n_mm = _matmul_params(cfg)
+    per_row_step = 2.0 * n_mm + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * S
+    prefill_tokens = rows * max(host.prompt.shape[1], host.uncond_prompt.shape[1])
+    param_bytes = device_bytes(params)
+    cache_bytes = 2 * device_bytes(kv)
+    return Program(
+        mode="generate", lowered=lowered,
+        groups={"parameters": param_bytes, "prompts": device_bytes(inputs)},
+        jaxpr_stats=stats, model_flops=per_row_step * rows,
+        workload={"prompts": spec.batch_size, "rows (with guidance)": rows, "image": f"{spec.image_size}px",
+                  "new tokens": max_new, "cache slots": S, "cfg": spec.cfg_scale, "rules": rules_name,
+                  "dtypes": f"params {cfg.param_dtype}, compute {cfg.dtype}"},
+        param_shardings=psh, param_shapes=params,
+        decode={"steps": max_new, "kv_cache_bytes": cache_bytes, "param_bytes": param_bytes,
+                "prefill_flops": 2.0 * n_mm * prefill_tokens},
+    )
