@@ -84,18 +84,20 @@ class ImageTokenizer:
     """A VQGAN with jitted, batched `encode` / `decode` (compiled once per input shape).
 
     `dtype="bfloat16"` runs the convolutions in bfloat16; GroupNorm statistics, the attention softmax and
-    the code search stay float32. With a `mesh`, the batch is split over `batch_axes` (padded to a
-    multiple of their size) and the parameters are replicated.
+    the code search stay float32. With a `mesh`, the batch is split over `batch_axes` (default: the
+    mesh's "data" and "fsdp" axes; padded to a multiple of their size) and the parameters are replicated.
     """
 
     def __init__(self, config: VQGANConfig, params: Any, dtype: str = "float32",
-                 mesh: jax.sharding.Mesh | None = None, batch_axes: Sequence[str] = ("data",)):
+                 mesh: jax.sharding.Mesh | None = None, batch_axes: Sequence[str] | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"ImageTokenizer: dtype must be one of {DTYPES}, got '{dtype}'")
         self.config, self.dtype, self.mesh = config, dtype, mesh
         self.model = _compiled(config, dtype)[0]
         if mesh is not None:
             P, S = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+            if batch_axes is None:  # the project's batch axes (lumina_jax.sharding), else every mesh axis
+                batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or tuple(mesh.axis_names)
             self.batch_axes = tuple(batch_axes)
             self._batch_sharding = S(mesh, P(self.batch_axes))
             params = jax.device_put(params, S(mesh, P()))

@@ -185,7 +185,11 @@ def test_batch_sharded_over_a_mesh_gives_the_same_codes(converted):
 
 @pytest.mark.slow
 def test_bfloat16_agrees_with_float32(converted):
-    """bf16 convolutions (fp32 norms, softmax, code search): >= 90% identical codes, decoded images within 0.1."""
+    """bf16 convolutions (fp32 norms, softmax, code search) vs fp32 on the same weights.
+
+    Measured here: 100% identical codes; decoded images max abs diff 0.089, mean 0.010 (outputs span +-2.6).
+    Asserted with margin: >= 90% identical codes, max diff <= 0.15, mean diff <= 0.02.
+    """
     *_, tok = converted
     bf16 = ImageTokenizer(tok.config, tok.params, dtype="bfloat16")
     x = _images(8, (2, 64, 64, 3))
@@ -194,5 +198,6 @@ def test_bfloat16_agrees_with_float32(converted):
     assert np.mean(c16 == c32) >= 0.9, np.mean(c16 == c32)
     y32, y16 = np.asarray(tok.decode(c32)), np.asarray(bf16.decode(c32))
     assert y16.dtype == np.float32
-    assert np.max(np.abs(y16 - y32)) <= 0.1, np.max(np.abs(y16 - y32))
+    assert np.max(np.abs(y16 - y32)) <= 0.15, np.max(np.abs(y16 - y32))
+    assert np.mean(np.abs(y16 - y32)) <= 0.02, np.mean(np.abs(y16 - y32))
     assert np.max(np.abs(y16 - y32)) > 0  # it really computed in bf16

@@ -99,6 +99,9 @@ class LazyTensor:
     def dtype(self) -> np.dtype:
         return self.storage.dtype
 
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype}, storage={self.storage.key!r})"
+
     def numpy(self) -> np.ndarray:
         base = self.storage.array()
         if not self.shape:
