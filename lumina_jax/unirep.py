@@ -173,7 +173,11 @@ def prepare_image(img: Image.Image, crop_sizes: Sequence[tuple[int, int]], rng: 
 
 
 def encode_arrays(arrays: Sequence[np.ndarray], image_tokenizer, batch_size: int = 8) -> list[np.ndarray]:
-    """VQGAN codes of prepared images, batched by shape (batches padded to `batch_size` for one jit per shape)."""
+    """VQGAN codes of prepared images, batched by shape.
+
+    A partial last batch is padded to the next power of two (at most `batch_size`), so each image shape
+    compiles at most log2(batch_size) + 1 times and padding wastes less than half a batch.
+    """
     out: list[np.ndarray | None] = [None] * len(arrays)
     by_shape: dict[tuple, list[int]] = {}
     for i, a in enumerate(arrays):
@@ -181,7 +185,8 @@ def encode_arrays(arrays: Sequence[np.ndarray], image_tokenizer, batch_size: int
     for shape, idx in by_shape.items():
         for s in range(0, len(idx), batch_size):
             part = idx[s:s + batch_size]
-            batch = np.zeros((batch_size,) + shape, np.float32)
+            padded = min(batch_size, 1 << (len(part) - 1).bit_length())
+            batch = np.zeros((padded,) + shape, np.float32)
             batch[:len(part)] = np.stack([arrays[i] for i in part])
             codes = np.asarray(image_tokenizer.encode(batch))
             for j, i in enumerate(part):

@@ -23,6 +23,7 @@ text-only items kept, no per-sample pickle files.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -82,7 +83,8 @@ class Pretokenizer:
     """Turns items into (tokens, labels); images are encoded per chunk in batches."""
 
     def __init__(self, tokenizer_path: str, vqgan_dir: str | None, target_size: int, max_length: int,
-                 batch_size: int, random_crop: bool, seed: int, image_root: str, image_tokenizer=None):
+                 batch_size: int, random_crop: bool, seed: int, image_root: str, image_tokenizer=None,
+                 num_workers: int = 4):
         from lumina_jax.tokenizer import load_tokenizer
         from lumina_jax.unirep import crop_size_list
 
@@ -91,6 +93,7 @@ class Pretokenizer:
         self.vqgan_dir, self._image_tokenizer = vqgan_dir, image_tokenizer
         self.max_length, self.batch_size = max_length, batch_size
         self.random_crop, self.seed, self.image_root = random_crop, seed, image_root
+        self.num_workers = max(1, num_workers)
 
     @property
     def image_tokenizer(self):
@@ -107,21 +110,26 @@ class Pretokenizer:
         from lumina_jax.conversation import IMAGE_PLACEHOLDER, ConversationError, encode_conversation
         from lumina_jax.unirep import codes_to_unirep, encode_arrays, prepare_image
 
+        def prepare(idx, item):
+            if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+                raise BadItem("malformed item", "no 'conversations' list")
+            paths = _image_paths(item, self.image_root)
+            n_ph = sum(str(t.get("value") or "").count(IMAGE_PLACEHOLDER)
+                       for t in item["conversations"] if isinstance(t, dict))
+            if n_ph and n_ph != len(paths):
+                raise BadItem("placeholder mismatch", f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s), {len(paths)} image(s)")
+            rng = np.random.default_rng([self.seed, idx]) if self.random_crop else None  # per item: order-free
+            return [prepare_image(_load_image(p), self.crop_sizes, rng, self.random_crop) for p in paths]
+
         prepared, bad = {}, {}
-        for idx, item in items:
-            try:
-                if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
-                    raise BadItem("malformed item", "no 'conversations' list")
-                paths = _image_paths(item, self.image_root)
-                n_ph = sum(str(t.get("value") or "").count(IMAGE_PLACEHOLDER)
-                           for t in item["conversations"] if isinstance(t, dict))
-                if n_ph and n_ph != len(paths):
-                    raise BadItem("placeholder mismatch", f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s), {len(paths)} image(s)")
-                rng = np.random.default_rng([self.seed, idx]) if self.random_crop else None
-                arrays = [prepare_image(_load_image(p), self.crop_sizes, rng, self.random_crop) for p in paths]
-                prepared[idx] = arrays
-            except BadItem as e:
-                bad[idx] = (e.kind, e.detail)
+        # image decoding and resizing (PIL releases the GIL) overlap in threads; results keep item order
+        with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
+            futures = [(idx, pool.submit(prepare, idx, item)) for idx, item in items]
+            for idx, fut in futures:
+                try:
+                    prepared[idx] = fut.result()
+                except BadItem as e:
+                    bad[idx] = (e.kind, e.detail)
         flat = [a for idx, _ in items if idx in prepared for a in prepared[idx]]
         codes = encode_arrays(flat, self.image_tokenizer, self.batch_size) if flat else []
         good, k = [], 0
@@ -253,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1, help="number of shards the items are split into")
     p.add_argument("--chunk-size", type=int, default=256, help="items per committed chunk (the unit of resumption)")
     p.add_argument("--batch-size", type=int, default=16, help="images per VQGAN encoder call (same-size images batched)")
+    p.add_argument("--num-workers", type=int, default=4, help="threads that read and crop images")
     p.add_argument("--max-length", type=int, default=0, help="items with more tokens are reported as bad (0 = no limit)")
     p.add_argument("--image-root", default=None,
                    help="directory relative image paths start from (default: the input JSON's directory)")
@@ -299,7 +308,7 @@ def main(argv=None, image_tokenizer=None) -> int:
     _check_run_config(args)
     t0 = time.time()
     pretok = Pretokenizer(args.tokenizer, args.vqgan, args.target_size, args.max_length, args.batch_size,
-                          args.random_crop, args.seed, args.image_root, image_tokenizer)
+                          args.random_crop, args.seed, args.image_root, image_tokenizer, args.num_workers)
     run_shard(args, items, pretok)
     report = finalize(args.out, args.num_shards, len(items))
     if report is None:
