@@ -132,6 +132,19 @@ def test_bucketed_batches_are_padded_and_similar_in_length(data):
     assert np.mean(spreads) < 8  # items are 2..49 long: unsorted batches would spread far more
 
 
+def test_bucketed_global_batches_do_not_depend_on_the_host_count(data):
+    def examples(batch):
+        return sorted(tuple(batch["inputs"][r][batch["segment_ids"][r] > 0]) for r in range(len(batch["inputs"])))
+
+    kw = dict(seq_len=SEQ_LEN, seed=4, packing=False, pad_multiple=16)
+    one = _take(make_train_iterator(data["yaml"], batch_size=4, **kw), 12)  # crosses an epoch boundary
+    two = [_take(make_train_iterator(data["yaml"], batch_size=2, shard_index=i, shard_count=2, **kw), 12)
+           for i in range(2)]
+    for step in range(12):
+        assert examples(one[step]) == sorted(examples(two[0][step]) + examples(two[1][step]))
+        assert not set(examples(two[0][step])) & set(examples(two[1][step]))
+
+
 def test_ratio_subsampling_and_host_sharding(data):
     sources = [PretokenizedDataset(str(data["dir"] / "a")), PretokenizedDataset(str(data["dir"] / "b"))]
     one = EpochSchedule(sources, [1.0, 0.5], seed=1, shard_index=0, shard_count=1, num_epochs=4)

@@ -19,6 +19,10 @@ reads only those. With `packing=True` rows are filled best-fit (grain `BestFitPa
 `packing=False` items are arranged in length buckets (sorted within windows, batches shuffled) and each batch
 is padded to its longest item rounded up to `pad_multiple` (few distinct shapes, so few compilations).
 
+In the bucketed mode the sequence of global batches (`batch_size * shard_count` items) depends only on the
+seed and the global batch size, so the saved state (`{"next_index": step}`) is valid for any number of hosts
+that splits the same global batch.
+
 Differences from the reference: a bad item is an error, never replaced by its neighbour; resumption restores
 the iterator state instead of skipping consumed items; the random streams depend on (seed, epoch) only, not
 on the number of hosts, except through the final `shard_index::shard_count` split.
@@ -77,7 +81,10 @@ class EpochSchedule:
         pairs = np.concatenate(parts)[rng.permutation(sum(len(p) for p in parts))]
         g = self.group * self.shard_count
         if self.group > 1:  # length buckets: sort inside windows, cut into global batches, shuffle the batches
-            lengths = np.array([self.sources[s].lengths[i] for s, i in pairs])
+            lengths = np.empty(len(pairs), np.int64)
+            for k, src in enumerate(self.sources):
+                sel = pairs[:, 0] == k
+                lengths[sel] = src.lengths[pairs[sel, 1]]
             w = g * self.bucket_window
             for start in range(0, len(pairs), w):
                 sl = slice(start, start + w)
