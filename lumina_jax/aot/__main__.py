@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     from lumina_jax.aot.report import format_report
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         rep = run(args)
     except (ValueError, FileNotFoundError, KeyError) as e:

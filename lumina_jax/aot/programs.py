@@ -145,7 +145,8 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
         raise ValueError(f"generate.batch_size={spec.batch_size} and generate.prompt_len={spec.prompt_len} must be >= 1")
     if spec.image_size % 32:
         raise ValueError(f"generate.image_size={spec.image_size} must be a multiple of 32")
-    cfg = model_cfg.replace(param_dtype=spec.param_dtype, dropout=0.0, remat_policy="none")
+    # unstacked layers (layers_0, ...): the layout the sampler recommends for decoding (no per-step weight copies)
+    cfg = model_cfg.replace(param_dtype=spec.param_dtype, dropout=0.0, remat_policy="none", scan_layers=False)
     ids = token_ids_for(cfg)
     max_new = unirep_length(spec.image_size, spec.image_size) + spec.extra_tokens
     settings = P.SamplingSettings(cfg_scale=spec.cfg_scale, image_top_k=min(spec.image_top_k, ids.num_image_ids),
@@ -158,12 +159,11 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     table = jax.ShapeDtypeStruct(table.shape, jnp.bool_, sharding=replicated)
     psh = sharding.param_shardings(None, cfg, mesh, rules)
     params = _attach(nn.unbox(sharding.abstract_params(cfg)), psh)
-    cache_sh = sharding.logical_sharding(mesh, rules, CACHE_AXES)
-    dm = ChameleonDecodeModel(cfg, cache_sharding=cache_sh)
+    dm = ChameleonDecodeModel(cfg)  # its cache carries the logical cache axes; the rules shard it
     rows = spec.batch_size * (2 if settings.use_guidance else 1)
     S = host.prompt.shape[1] + max_new
     kv_shape = (cfg.num_layers, rows, S, cfg.num_kv_heads, cfg.head_dim)
-    kv = jax.ShapeDtypeStruct(kv_shape, jnp.dtype(cfg.dtype), sharding=cache_sh)
+    kv = jax.ShapeDtypeStruct(kv_shape, jnp.dtype(cfg.dtype), sharding=sharding.logical_sharding(mesh, rules, CACHE_AXES))
     with sharding.sharding_context(mesh, rules):
         lowered = decode_jit.lower(dm, params, inputs, settings=settings, ids=ids, size_table=table)
         closed = jax.make_jaxpr(lambda p, i, t: decode_jit(dm, p, i, settings=settings, ids=ids, size_table=t))(

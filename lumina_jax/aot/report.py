@@ -58,6 +58,8 @@ class Report:
     replicated_fraction: Optional[float] = None
     decode: Optional[dict] = None
     mfu: float = 0.4
+    compiled: Any = dataclasses.field(default=None, repr=False)  # jax.stages.Compiled (not serialised)
+    param_shapes: Any = dataclasses.field(default=None, repr=False)  # sharded ShapeDtypeStructs of the parameters
 
     @property
     def num_devices(self) -> int:
@@ -97,7 +99,8 @@ class Report:
                 f"{format_bytes(cap)} (HBM {format_bytes(self.hbm_bytes)})")
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "topology"}
+        skip = ("topology", "compiled", "param_shapes")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d.update(topology=self.topology.name, slices=self.topology.num_slices, chips=self.topology.num_chips,
                  total_bytes=self.total_bytes, headroom_bytes=self.headroom_bytes, step_seconds=self.step_seconds(),
                  verdict=self.verdict())
@@ -154,7 +157,7 @@ def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh
     rep = Report(topology=topo, mode=program.mode, mesh=dict(mesh.shape), workload=program.workload,
                  hbm_bytes=topo.chip.hbm_bytes, inputs=program.groups, compile_seconds=0.0, fits=False,
                  program_flops=stats.flops, model_flops=program.model_flops, while_loops=stats.while_loops,
-                 replicated_fraction=replicated, decode=program.decode, mfu=mfu)
+                 replicated_fraction=replicated, decode=program.decode, mfu=mfu, param_shapes=program.param_shapes)
     t0 = time.perf_counter()
     try:
         compiled = program.lowered.compile()
@@ -180,7 +183,7 @@ def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh
     rep.fits = rep.total_bytes <= rep.hbm_bytes
     if not rep.fits:
         rep.largest = _largest_buffers(rep, program, inputs_tree)
-    rep.compiled = compiled  # for callers that inspect shardings (not serialised)
+    rep.compiled = compiled
     return rep
 
 

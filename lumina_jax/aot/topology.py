@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any, Sequence
 
 import numpy as np
 
 GiB = 1024 ** 3
+
+# Several processes may compile for topologies at once (the table script, parallel tests): libtpu otherwise
+# takes a machine-wide lock file and refuses a second process.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @dataclasses.dataclass(frozen=True)

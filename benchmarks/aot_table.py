@@ -1,0 +1,218 @@
+"""The deployment table of docs/aot.md: per stage and TPU generation, the smallest slice where the real
+program compiles and fits, found by compiling candidates (smallest first) with `python -m lumina_jax.aot`.
+
+    python benchmarks/aot_table.py                      # all rows; results cached in --cache-dir
+    python benchmarks/aot_table.py --only 7b-512 --fresh
+    python benchmarks/aot_table.py --write docs/aot.md  # replace the table between the markers
+
+Train rows use the reference's per-device batch (8 sequences of data.seq_len per chip and optimizer step,
+spec §6) reached by gradient accumulation; generation rows use guidance at 768 px on tensor-parallel meshes.
+A candidate smaller than the first fitting one is listed with why it does not fit: the compiler's verdict,
+or "state alone" when the fp32 weights and Adam moments (12 bytes per parameter) exceed the HBM.
+This is a planning tool, not a speed benchmark: it runs no baseline, and each compile of a 7B/34B program
+takes minutes on a 2-core host.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+GiB = 1024 ** 3
+HBM = {"v5e": 16 * GiB, "v5p": 95 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
+PARAMS = {"7b": 7.013e9, "34b": 34.294e9}  # spec §1.1
+PER_DEVICE_BATCH = 8  # the reference: --batch_size 8 per GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    topology: str
+    mesh: str  # parallel.mesh per slice
+    accum: int = 1  # parallel.grad_accum_steps (train)
+    remat: str = "full"
+    rules: str = "fsdp"
+    extra: tuple = ()  # more key=value overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    config: str
+    mode: str
+    model: str  # "7b" / "34b" (for the state-size bound)
+    candidates: tuple  # Candidate, smallest slice first
+
+
+def _chips(topology: str) -> int:
+    n = 1
+    for x in topology.split(":")[1].split("x"):
+        n *= int(x)
+    return n
+
+
+ROWS = (
+    Row("7b-512-v5p", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "train", "7b",
+        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
+    Row("7b-768-v5p", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
+        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
+    Row("7b-1024-v5p", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
+        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
+    Row("34b-512-v5p", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "train", "34b",
+        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8), Candidate("v5p:2x2x2", "fsdp=-1", accum=8))),
+    Row("7b-512-v5e", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "train", "7b",
+        (Candidate("v5e:2x2", "fsdp=-1", accum=8), Candidate("v5e:2x4", "fsdp=-1", accum=8),
+         Candidate("v5e:4x4", "fsdp=-1", accum=8))),
+    Row("7b-768-v5e", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
+        (Candidate("v5e:2x2", "fsdp=-1", accum=8), Candidate("v5e:2x4", "fsdp=-1", accum=8),
+         Candidate("v5e:4x4", "fsdp=-1", accum=8))),
+    Row("7b-1024-v5e", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
+        (Candidate("v5e:2x2", "fsdp=-1", accum=8), Candidate("v5e:2x4", "fsdp=-1", accum=8),
+         Candidate("v5e:4x4", "fsdp=-1", accum=8))),
+    Row("34b-512-v5e", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "train", "34b",
+        (Candidate("v5e:4x8", "fsdp=-1,tensor=4", accum=32), Candidate("v5e:8x8", "fsdp=-1,tensor=4", accum=32),
+         Candidate("v5e:8x16", "fsdp=-1,tensor=4", accum=32))),
+    Row("7b-gen-v5e", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
+        (Candidate("v5e:2x2", "tensor=-1", remat="none", extra=("generate.batch_size=8",)),)),
+    Row("7b-gen-v5p", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
+        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=("generate.batch_size=8",)),)),
+    Row("34b-gen-v5e", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
+        (Candidate("v5e:2x4", "tensor=-1", remat="none", extra=("generate.batch_size=8",)),)),
+    Row("34b-gen-v5p", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
+        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=("generate.batch_size=8",)),)),
+)
+
+
+def command(row: Row, c: Candidate, json_path: str) -> list[str]:
+    cmd = [sys.executable, "-m", "lumina_jax.aot", "--topology", c.topology, "--config", row.config,
+           "--mode", row.mode, "--json", json_path, f"parallel.mesh={c.mesh}", f"parallel.rules={c.rules}"]
+    if row.mode == "train":
+        cmd += ["--per-device-batch", str(PER_DEVICE_BATCH), f"parallel.grad_accum_steps={c.accum}",
+                f"model.remat_policy={c.remat}"]
+    return cmd + list(c.extra)
+
+
+def state_bound(row: Row, c: Candidate) -> str:
+    """Why a candidate cannot fit without compiling it, or "" when it might."""
+    if row.mode != "train":
+        return ""
+    per_chip = 12 * PARAMS[row.model] / _chips(c.topology)
+    hbm = HBM[c.topology.split(":")[0]]
+    if per_chip > hbm:
+        return f"state alone {per_chip / GiB:.1f} GiB > {hbm / GiB:.0f} GiB"
+    return ""
+
+
+def evaluate(row: Row, c: Candidate, cache_dir: str, fresh: bool, log) -> dict:
+    name = f"{row.key}__{c.topology.replace(':', '-')}__{c.mesh.replace('=', '').replace(',', '_')}_a{c.accum}_{c.remat}"
+    path = os.path.join(cache_dir, name + ".json")
+    if os.path.exists(path) and not fresh:
+        with open(path) as f:
+            return json.load(f)
+    bound = state_bound(row, c)
+    if bound:
+        result = {"fits": False, "reason": bound, "topology": c.topology}
+    else:
+        cmd = command(row, c, path + ".tmp")
+        log(" ".join(cmd[1:]))
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode not in (0, 3) or not os.path.exists(path + ".tmp"):
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            raise RuntimeError(f"{name}: exit {proc.returncode}: " + " | ".join(tail))
+        with open(path + ".tmp") as f:
+            result = json.load(f)
+        os.remove(path + ".tmp")
+        result["wall_seconds"] = time.time() - t0
+        result["report_text"] = proc.stdout
+    result["command"] = "python " + " ".join(command(row, c, "r.json")[1:]).replace(" --json r.json", "")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def gib(n) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def table(results: list) -> str:
+    out = ["| stage | topology (chips) | mesh | batch / accumulation / remat | per chip: params + opt state, temporaries, total | HBM | headroom | step at 40% MFU | smaller slice |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for row, fit, smaller in results:
+        if fit is None:
+            out.append(f"| {row.label} | none of the candidates fits | | | | | | | {smaller} |")
+            continue
+        mesh = ", ".join(f"{k}={v}" for k, v in fit["mesh"].items() if v > 1) or "1 device"
+        inputs = fit["inputs"]
+        state = inputs.get("parameters", 0) + inputs.get("optimizer state", 0)
+        wl = fit["workload"]
+        if row.mode == "train":
+            work = f"{wl['global batch']}, {wl['per device']} per chip / {wl['grad accumulation']} / {wl['remat']}"
+            step = f"{fit['step_seconds']:.1f} s"
+            mem = f"{gib(state)}, {gib(fit['temp_bytes'])}, {gib(fit['total_bytes'])}"
+        else:
+            work = f"{wl['prompts']} prompts ({wl['rows (with guidance)']} rows), {wl['new tokens']} new tokens"
+            step = f"{fit['step_seconds'] * 1e3:.1f} ms / token"
+            mem = (f"{gib(inputs['parameters'])} (bf16 weights), {gib(fit['temp_bytes'])} (KV cache "
+                   f"{gib(fit['decode']['kv_cache_bytes'])}), {gib(fit['total_bytes'])}")
+        out.append(f"| {row.label} | {fit['topology']} ({fit['chips']}) | {mesh} | {work} | {mem} | "
+                   f"{gib(fit['hbm_bytes'])} | {gib(fit['headroom_bytes'])} | {step} | {smaller} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", default=None, help="row keys to run (prefix match), e.g. 7b-512 34b-gen")
+    p.add_argument("--cache-dir", default="/tmp/lumina_aot_results",
+                   help="where each compile's JSON report is kept, so a rerun only compiles what is missing")
+    p.add_argument("--fresh", action="store_true", help="ignore cached results and compile again")
+    p.add_argument("--write", default="", help="markdown file whose table between the aot-table markers is replaced")
+    args = p.parse_args(argv)
+    os.makedirs(args.cache_dir, exist_ok=True)
+    rows = [r for r in ROWS if args.only is None or any(r.key.startswith(o) for o in args.only)]
+    results = []
+    bar = tqdm(rows, desc="rows", unit="row")
+    for row in bar:
+        bar.set_postfix_str(row.key)
+        fit, smaller = None, "-"
+        for c in row.candidates:
+            try:
+                r = evaluate(row, c, args.cache_dir, args.fresh, lambda s: tqdm.write(s))
+            except RuntimeError as e:  # a compiler or tool error: report it in the row, go on with the others
+                tqdm.write(str(e))
+                smaller = f"{c.topology}: error ({str(e)[-120:]})"
+                break
+            if r["fits"]:
+                fit = r
+                break
+            why = r.get("reason") or f"needs {gib(r['total_bytes'])}" + ("+" if r.get("temp_bytes") is None else "")
+            smaller = f"{c.topology}: {why}"
+        if fit is None:
+            smaller = smaller
+        elif smaller == "-" and row.mode == "train":
+            smaller = "smallest slice of the generation"
+        results.append((row, fit, smaller))
+    text = table(results)
+    print(text)
+    if args.write:
+        with open(args.write) as f:
+            doc = f.read()
+        if BEGIN not in doc or END not in doc:
+            raise SystemExit(f"{args.write}: no {BEGIN} ... {END} markers")
+        head, rest = doc.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        with open(args.write, "w") as f:
+            f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

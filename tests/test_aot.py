@@ -1,0 +1,156 @@
+"""Ahead-of-time compilation for TPU topologies (libtpu's compile-only devices; nothing runs on a TPU).
+
+The tiny CPU config is compiled for v5e:2x2 in both modes; one deliberately oversized program must fail
+with a message naming the topology, the need and the capacity.
+"""
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from lumina_jax import sharding
+from lumina_jax.aot import __main__ as cli
+from lumina_jax.aot.analysis import analyse_jaxpr
+from lumina_jax.aot.report import parse_oom
+from lumina_jax.aot.topology import CHIPS, GiB, build_mesh, parse_topology, topology_devices
+from lumina_jax.config import get_config
+
+TINY = "configs/tiny_cpu.py"
+
+
+def _run(*argv):
+    return cli.run(cli.build_parser().parse_intermixed_args(list(argv)))
+
+
+@pytest.fixture(scope="module")
+def train_report():
+    return _run("--topology", "v5e:2x2", "--config", TINY, "--mode", "train", "parallel.mesh=fsdp=-1",
+                "parallel.grad_accum_steps=2")
+
+
+def test_parse_topology_and_chip_table():
+    t = parse_topology("v5p:4x4x4", num_slices=2)
+    assert (t.chip.name, t.shape, t.num_chips, t.chips_per_slice) == ("v5p", (4, 4, 4), 128, 64)
+    assert t.host_bounds() == (2, 2, 1)
+    assert parse_topology("v5e:2x4").host_bounds() == (2, 4, 1)  # one 8-chip host
+    assert {k: c.hbm_bytes // GiB for k, c in CHIPS.items()} == {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+    for bad, needle in [("v5e:2x2x2", "2-dimensional"), ("v7:2x2", "expected"), ("v5p:2x2", "3-dimensional")]:
+        with pytest.raises(ValueError, match=needle):
+            parse_topology(bad)
+
+
+@pytest.mark.parametrize("name,kind,count", [("v4:2x2x1", "TPU v4", 4), ("v5e:2x2", "TPU v5 lite", 4),
+                                             ("v5p:2x2x2", "TPU v5", 8), ("v6e:2x2", "TPU v6 lite", 4)])
+def test_topology_devices_one_per_chip(name, kind, count):
+    devices = topology_devices(parse_topology(name))
+    assert len(devices) == count and {d.device_kind for d in devices} == {kind}
+
+
+def test_multislice_mesh_puts_data_across_slices():
+    topo = parse_topology("v5e:2x2", num_slices=2)
+    mesh = build_mesh(topo, topology_devices(topo), "fsdp=-1")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()  # each data index is one slice; fsdp stays inside
+
+
+def test_train_step_compiles_with_memory_report(train_report):
+    r = train_report
+    assert r.fits and r.temp_bytes is not None and r.headroom_bytes > 15 * GiB
+    assert r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(r.param_shapes))
+    # fp32 parameters sharded over 4 chips (a few norm vectors replicated), Adam moments twice that
+    assert n_params * 4 / 4 <= r.inputs["parameters"] < n_params * 4 / 4 * 1.05
+    assert abs(r.inputs["optimizer state"] - 2 * r.inputs["parameters"]) <= 64
+    assert r.total_bytes >= r.inputs["parameters"] + r.inputs["optimizer state"]
+    text = cli_format(r)
+    for needle in ("parameters", "optimizer state", "temporaries", "total", "HBM (v5e)", "headroom",
+                   "FLOPs per step", "step time", "fits"):
+        assert needle in text, needle
+
+
+def cli_format(r):
+    from lumina_jax.aot.report import format_report
+    return format_report(r)
+
+
+def test_compiled_parameters_sharded_as_the_rules_say(train_report):
+    r = train_report
+    state_in, _batch_in = r.compiled.input_shardings[0]
+    cfg = get_config("tiny")
+    mesh = r.compiled.input_shardings[0][0]["params"]["lm_head"]["kernel"].mesh
+    want = sharding.param_shardings(None, cfg, mesh, sharding.FSDP_RULES)
+    got = state_in["params"]
+    flat_w = jax.tree_util.tree_flatten_with_path(want)[0]
+    flat_g = jax.tree.leaves(got)
+    assert len(flat_w) == len(flat_g)
+    shapes = r.param_shapes
+    for (path, w), g, s in zip(flat_w, flat_g, jax.tree.leaves(shapes)):
+        assert g.is_equivalent_to(w, len(s.shape)), f"{jax.tree_util.keystr(path)}: compiled {g}, rules {w}"
+    # nothing large replicated: the matrices are split 4 ways on the compiled program
+    assert sharding.check_replication(got, max_replicated_fraction=0.05, shapes=shapes) < 0.05
+    for name in (("embed_tokens", "embedding"), ("lm_head", "kernel")):
+        leaf = got[name[0]][name[1]]
+        shape = shapes[name[0]][name[1]].shape
+        assert math.prod(leaf.shard_shape(shape)) * 4 == math.prod(shape)
+    # the Adam moments follow the parameters
+    moments = [s for path, s in jax.tree_util.tree_flatten_with_path(state_in["opt_state"])[0]
+               if "lm_head" in jax.tree_util.keystr(path)]
+    assert len(moments) == 2 and all(m.is_equivalent_to(got["lm_head"]["kernel"], 2) for m in moments)
+
+
+def test_generate_loop_compiles_with_memory_report():
+    r = _run("--topology", "v5e:2x2", "--config", TINY, "--mode", "generate", "parallel.mesh=tensor=-1",
+             "generate.image_size=64", "generate.batch_size=2", "generate.cfg_scale=3.0")
+    assert r.fits and r.mode == "generate"
+    assert r.workload["rows (with guidance)"] == 4 and r.mesh["tensor"] == 4
+    # bf16 weights split over 4 chips by heads / MLP / vocabulary
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.abstract_params(get_config("tiny"))))
+    assert n * 2 / 4 <= r.inputs["parameters"] < n * 2 / 4 * 1.1
+    assert r.decode["kv_cache_bytes"] > 0 and r.temp_bytes >= r.decode["kv_cache_bytes"]
+    assert "decode" in cli_format(r) and r.step_seconds() > 0
+
+
+def test_program_that_cannot_fit_fails_naming_topology_need_and_capacity(capsys):
+    rc = cli.main(["--topology", "v5e:2x2", "--config", TINY, "--mode", "train", "data.seq_len=8192",
+                   "loss.chunk_size=8192", "--per-device-batch", "16"])
+    out = capsys.readouterr().out
+    assert rc == cli.EXIT_DOES_NOT_FIT
+    verdict = [line for line in out.splitlines() if "does not fit" in line]
+    assert verdict, out
+    line = verdict[0]
+    assert line.startswith("v5e:2x2 (4 chips)") and "needs" in line and "GiB" in line and "HBM 16.00 GiB" in line
+    assert "largest buffers:" in out and "intermediate" in out
+
+
+def test_bad_arguments_exit_2_with_one_line(capsys):
+    assert cli.main(["--topology", "v5e:3", "--config", TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "v5e:3" in err[0]
+    assert cli.main(["--topology", "v5e:2x2", "--config", TINY, "parallel.mesh=fsdp=3"]) == 2
+    assert "parallel.mesh" in capsys.readouterr().err
+
+
+def test_parse_oom_messages():
+    need, cap = parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                          "temporaries (67.13G) exceeds available HBM (15.75G).")
+    assert need == int(67.13 * GiB) and cap == int(15.75 * GiB)
+    assert parse_oom("Allocation (size=34359738368) would exceed memory (size=17179869184) :: x") == (32 * GiB, 16 * GiB)
+    assert parse_oom("something else") == (None, None)
+
+
+def test_jaxpr_flops_match_the_model_formula_and_count_remat():
+    """Matrix-product FLOPs counted on the traced step (scan lengths applied) equal 6N + 12 L H Dh T per
+    token without remat, and add about one forward pass (a third) with full remat."""
+    from lumina_jax.aot.programs import lower_train
+    from lumina_jax.training.config import load_config
+
+    topo = parse_topology("v5e:2x2")
+    mesh = build_mesh(topo, topology_devices(topo), "fsdp=-1")
+    base = load_config(TINY, ["parallel.grad_accum_steps=2"])
+    plain = lower_train(base, mesh)
+    np.testing.assert_allclose(plain.jaxpr_stats.flops, plain.model_flops, rtol=1e-6)
+    remat = lower_train(load_config(TINY, ["parallel.grad_accum_steps=2", "model.remat_policy=full"]), mesh)
+    ratio = remat.jaxpr_stats.flops / remat.model_flops
+    assert 1.2 < ratio < 1.34, ratio
