@@ -5,6 +5,10 @@ loaded with `tokenizers`), a directory holding `tokenizer.json` (a Hugging Face 
 Lumina-mGPT's) or a `.model` file (SentencePiece). `SpecialIds.from_tokenizer(tok)` looks every special id up
 by name once and builds the image-code <-> token-id tables from the vocabulary's `IMGIMG` names.
 
+SentencePiece models trained by `lumina_jax.tokenizer_train` add no dummy prefix, so a conversation encoded
+message by message equals the whole; a foreign model that adds one (e.g. Llama's) puts a prefix space on
+every message, where the reference strips it from all but the first (`encode_wo_prefix_space`).
+
 Differences from the reference: the ids are looked up once and cached (the reference rebuilds the 65k-entry
 vocabulary dict on every `token2id` call); the image-code table is validated instead of assumed.
 """

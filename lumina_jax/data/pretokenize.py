@@ -312,8 +312,12 @@ def main(argv=None, image_tokenizer=None) -> int:
     run_shard(args, items, pretok)
     report = finalize(args.out, args.num_shards, len(items))
     if report is None:
-        print(f"shard {args.shard}/{args.num_shards} finished in {time.time() - t0:.1f}s; "
-              "the dataset is assembled when every shard has finished")
+        sdir = _shard_dir(args.out, args.shard, args.num_shards)
+        metas = [records.read_json(os.path.join(sdir, f"chunk{c:05d}.json"))
+                 for c in range(records.read_json(os.path.join(sdir, "progress.json"))["num_chunks"])]
+        print(f"shard {args.shard}/{args.num_shards} finished in {time.time() - t0:.1f}s: "
+              f"{sum(len(m['ids']) for m in metas)} written, {sum(len(m['bad']) for m in metas)} bad "
+              f"(listed in {sdir}/chunk*.json); the dataset is assembled when every shard has finished")
     else:
         print(summary_line(report, args.out))
     return 0
