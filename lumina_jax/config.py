@@ -42,6 +42,24 @@ class ChameleonConfig:
     remat_policy: str = "none"  # named rematerialisation policy for each block (see models.chameleon.REMAT_POLICIES)
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "q_norm_rows", "k_norm_rows"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ChameleonConfig.{name}={getattr(self, name)} must be a positive integer")
+        if self.head_dim % 2:
+            raise ValueError(f"ChameleonConfig.head_dim={self.head_dim} must be even (rotate-half RoPE)")
+        for name in ("param_dtype", "dtype", "logits_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"ChameleonConfig.{name}={getattr(self, name)!r} is not a dtype name") from None
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ChameleonConfig.dropout={self.dropout} must be in [0, 1)")
+        if not 0 <= self.image_token_start <= self.image_token_end:
+            raise ValueError(
+                f"ChameleonConfig image_token_start={self.image_token_start}, image_token_end={self.image_token_end} "
+                "must satisfy 0 <= start <= end"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.num_heads % self.q_norm_rows:

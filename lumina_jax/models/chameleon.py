@@ -16,6 +16,7 @@ Differences from the reference (Lumina's bundled `ChameleonForConditionalGenerat
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Optional
 
@@ -284,11 +285,15 @@ def unstack_layers(params: dict) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_init(config: ChameleonConfig):
+    model = Chameleon(config)
+    return jax.jit(lambda rng: nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
+
+
 def init_params(config: ChameleonConfig, rng) -> dict:
-    """Random parameters (the unboxed "params" collection) for `config`; for tests and sharded init."""
+    """Random parameters (the unboxed "params" collection) for `config`, on the default device."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    model = Chameleon(config)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.jit(model.init)(rng, tokens)
-    return nn.unbox(variables["params"])
+    with nn.logical_axis_rules(()):  # a (1, 1) dummy batch: no activation constraints
+        return _jitted_init(config)(rng)
