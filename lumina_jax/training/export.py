@@ -24,12 +24,15 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 
 def export_run_state(params: Any, model_config: ChameleonConfig, out_dir: str, *, hf_dir: str = "",
-                     dtype: str = "bfloat16", source_dir: str = "") -> None:
+                     dtype: str = "bfloat16", source_dir: str = "", qk_norm_rows: str = "auto") -> None:
     """Writes `params` (sharded jax arrays, any mesh, any number of processes) to `out_dir`.
 
     All processes call this; each writes its own shards through Orbax, process 0 writes config.json (and
     hf_config.json copied from `source_dir`, the init checkpoint, when it has one so the HF export keeps
-    the original config fields). With `hf_dir`, process 0 then converts `out_dir` to safetensors.
+    the original config fields). With `hf_dir`, process 0 then converts `out_dir` to safetensors; its
+    q/k-norm tensors keep the stored row count when the init checkpoint came from a Hugging Face/Lumina
+    file (hf_config.json; an exact round trip) and are expanded to one row per head otherwise (the
+    transformers layout), unless `qk_norm_rows` is "stored" or "heads".
     """
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
@@ -48,11 +51,13 @@ def export_run_state(params: Any, model_config: ChameleonConfig, out_dir: str, *
     if jax.process_index() == 0:
         config = model_config.replace(param_dtype=dtype, scan_layers=True, dropout=0.0)
         ckpt_io.write_json(out, "config.json", config.to_dict())
-        if source_dir and (Path(source_dir) / "hf_config.json").is_file():
+        has_hf_config = bool(source_dir) and (Path(source_dir) / "hf_config.json").is_file()
+        if has_hf_config:
             shutil.copyfile(Path(source_dir) / "hf_config.json", out / "hf_config.json")
         if hf_dir:
             from lumina_jax.convert import chameleon as convert_chameleon
-            convert_chameleon.export(out, hf_dir, dtype=None, progress=True)
+            rows = qk_norm_rows if qk_norm_rows != "auto" else ("stored" if has_hf_config else "heads")
+            convert_chameleon.export(out, hf_dir, dtype=None, qk_norm_rows=rows, progress=True)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("lumina_jax_export_done")
