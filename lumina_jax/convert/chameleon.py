@@ -286,8 +286,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
     hf = _read_hf_config(src / "config.json")
     hfc.chameleon_config_from_hf(hf, source=str(src / "config.json"))  # architecture checks before reading weights
     files = sio.ModelFiles(src)
-    heads = int(hfc._get(hf, "num_attention_heads"))
-    kv_heads = int(hfc._get(hf, "num_key_value_heads"))
+    heads = int(hfc.field(hf, "num_attention_heads"))
+    kv_heads = int(hfc.field(hf, "num_key_value_heads"))
     q_rows = _norm_rows(files, "model.layers.0.self_attn.q_norm.weight", heads)
     k_rows = _norm_rows(files, "model.layers.0.self_attn.k_norm.weight", kv_heads)
 

@@ -27,7 +27,8 @@ IMAGE_NAME_PREFIX = "IMGIMG"
 DEFAULT_IMAGE_TOKENS = (4, 8196)  # Chameleon's 8192 image codes, used when config.json has no vocabulary_map
 
 
-def _get(hf: dict, key: str):
+def field(hf: dict, key: str):
+    """A config.json field, with transformers' default when absent or null."""
     value = hf.get(key)
     return HF_DEFAULTS[key] if value is None and key in HF_DEFAULTS else value
 
@@ -43,7 +44,7 @@ def rope_theta_of(hf: dict, source: str) -> float:
     else:
         if hf.get("rope_scaling") not in (None, {}):
             raise ConversionError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported (only plain RoPE)")
-        theta = _get(hf, "rope_theta")
+        theta = field(hf, "rope_theta")
     return float(theta)
 
 
@@ -88,21 +89,21 @@ def chameleon_config_from_hf(
     if bad or not isinstance(archs, list):
         raise ConversionError(f"{source}: architectures={archs!r} is not supported "
                               f"(expected one of {list(SUPPORTED_ARCHITECTURES)})")
-    if _get(hf, "hidden_act") != "silu":
+    if field(hf, "hidden_act") != "silu":
         raise ConversionError(f"{source}: hidden_act={hf.get('hidden_act')!r} is not supported (expected 'silu')")
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-        if _get(hf, flag):
+        if field(hf, flag):
             raise ConversionError(f"{source}: {flag}=true is not supported (Chameleon has none)")
-    if float(_get(hf, "attention_dropout") or 0.0) != 0.0:
+    if float(field(hf, "attention_dropout") or 0.0) != 0.0:
         raise ConversionError(f"{source}: attention_dropout={hf['attention_dropout']} is not supported "
                               f"(only residual dropout, Lumina's 'dropout')")
     try:
-        vocab_size = int(_get(hf, "vocab_size"))
-        hidden = int(_get(hf, "hidden_size"))
-        heads = int(_get(hf, "num_attention_heads"))
-        kv_heads = int(_get(hf, "num_key_value_heads"))
-        layers = int(_get(hf, "num_hidden_layers"))
-        inter = int(_get(hf, "intermediate_size"))
+        vocab_size = int(field(hf, "vocab_size"))
+        hidden = int(field(hf, "hidden_size"))
+        heads = int(field(hf, "num_attention_heads"))
+        kv_heads = int(field(hf, "num_key_value_heads"))
+        layers = int(field(hf, "num_hidden_layers"))
+        inter = int(field(hf, "intermediate_size"))
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{source}: bad size field ({e})") from None
     if hidden % heads:
@@ -120,9 +121,9 @@ def chameleon_config_from_hf(
         return ChameleonConfig(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=rope_theta_of(hf, source),
-            rms_norm_eps=float(_get(hf, "rms_norm_eps")), q_norm_rows=q_norm_rows, k_norm_rows=k_norm_rows,
-            swin_norm=bool(_get(hf, "swin_norm")),
-            max_position_embeddings=int(_get(hf, "max_position_embeddings")),
+            rms_norm_eps=float(field(hf, "rms_norm_eps")), q_norm_rows=q_norm_rows, k_norm_rows=k_norm_rows,
+            swin_norm=bool(field(hf, "swin_norm")),
+            max_position_embeddings=int(field(hf, "max_position_embeddings")),
             dropout=float(hf.get("dropout", 0.0) or 0.0), mask_image_logits=mask_image_logits,
             image_token_start=start, image_token_end=end, z_loss_weight=float(hf.get("z_loss_weight", 0.0) or 0.0),
             param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers,
@@ -142,8 +143,8 @@ def _architecture_fields(cfg: ChameleonConfig) -> dict[str, Any]:
 
 def check_hf_config_matches(hf: dict, cfg: ChameleonConfig, source: str) -> None:
     """Raises if an HF config.json describes a different architecture than `cfg` (one line, every field)."""
-    mismatched = [f"{k}={_get(hf, k)!r} (checkpoint: {v!r})" for k, v in _architecture_fields(cfg).items()
-                  if _get(hf, k) != v]
+    mismatched = [f"{k}={field(hf, k)!r} (checkpoint: {v!r})" for k, v in _architecture_fields(cfg).items()
+                  if field(hf, k) != v]
     if abs(rope_theta_of(hf, source) - cfg.rope_theta) > 0:
         mismatched.append(f"rope_theta={rope_theta_of(hf, source)} (checkpoint: {cfg.rope_theta})")
     if mismatched:
