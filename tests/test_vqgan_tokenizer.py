@@ -111,7 +111,10 @@ def test_config_errors_are_one_line(tmp_path, converted, capsys):
     _, ckpt, _, _ = converted
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  params:\n    embed_dim: 32\n")
-    for cfg_path, expected in [(bad, "missing key 'model.params.ddconfig'"), (tmp_path / "nope.yaml", "no such file")]:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    for cfg_path, expected in [(bad, "missing key 'model.params.ddconfig'"), (tmp_path / "nope.yaml", "no such file"),
+                               (broken, "broken.yaml")]:
         rc = convert_main(["vqgan", "--ckpt", str(ckpt), "--config", str(cfg_path), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert rc == 1 and expected in err and len(err.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 from tqdm import tqdm
 
 from lumina_jax import checkpoint
@@ -142,8 +143,8 @@ def convert(ckpt_path: str, yaml_path: str, out_dir: str, overwrite: bool = Fals
         raise ConversionError(f"{yaml_path}: no such file")
     try:
         config = VQGANConfig.from_yaml(yaml_path)
-    except (ValueError, TypeError) as e:
-        raise ConversionError(str(e)) from None
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        raise ConversionError(" ".join(str(e).split())) from None
     sd = read_state_dict(ckpt_path, state_dict_key, use_torch)
     attn = attn_resolutions_from_keys(sd, config)
     if set(attn) != set(config.attn_resolutions):
@@ -169,7 +170,6 @@ def export(checkpoint_dir: str, out_path: str, yaml_out: str | None = None, over
         import torch
     except ImportError:
         raise ConversionError("vqgan-export needs PyTorch to write the file (pip install 'lumina-jax[torch]')") from None
-    import yaml
 
     for p in [out_path] + ([yaml_out] if yaml_out else []):
         if os.path.exists(p) and not overwrite:

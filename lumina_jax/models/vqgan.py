@@ -15,6 +15,8 @@ Differences from the reference (taming `Encoder`/`Decoder`/`VectorQuantizer`, sp
 - The quantizer returns only the code indices (B, h, w); no loss, no straight-through estimator
   (the tokenizer is frozen), and `z_q` is a gather instead of a one-hot matmul (identical in fp32).
 - No timestep embedding, no `conv_shortcut` (unused by the VQModel), no dropout (inference only).
+- With dtype float32, convolutions and attention request `Precision.HIGHEST`, so accelerators do not
+  drop to TF32/bf16 passes (PyTorch allows TF32 in cuDNN convolutions by default).
 """
 from __future__ import annotations
 
@@ -164,7 +166,12 @@ def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding
         p = (kernel - 1) // 2
         padding = ((p, p), (p, p))  # torch padding=1 (3x3) or 0 (1x1)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+                   dtype=dtype, param_dtype=jnp.float32, precision=_precision(dtype), name=name)
+
+
+def _precision(dtype) -> jax.lax.Precision | None:
+    """float32 means true float32 (no TF32 / bf16 passes on accelerators); bf16 uses the default."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 class ResnetBlock(nn.Module):
@@ -194,9 +201,10 @@ class AttnBlock(nn.Module):
         q = _conv(c, 1, self.dtype, "q")(h).reshape(b, hh * ww, c)
         k = _conv(c, 1, self.dtype, "k")(h).reshape(b, hh * ww, c)
         v = _conv(c, 1, self.dtype, "v")(h).reshape(b, hh * ww, c)
-        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+        prec = _precision(self.dtype)
+        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32, precision=prec) * (c ** -0.5)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, hh, ww, c)
+        out = jnp.einsum("bij,bjc->bic", weights, v, precision=prec).reshape(b, hh, ww, c)
         return x.astype(self.dtype) + _conv(c, 1, self.dtype, "proj_out")(out)
 
 
