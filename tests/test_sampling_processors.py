@@ -216,3 +216,19 @@ def test_choose_tokens_same_for_body_rows_on_either_path():
         assert int(a[0]) == int(b[0])
         assert np.isfinite(np.asarray(P.scores_full(body, other, state, IDS))[1, int(b[1])])
         assert IDS.image_first <= int(a[0]) < IDS.image_last
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 255])
+def test_top_k_mask_equals_sort_threshold(k):
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(4, 256)).astype(np.float32) * 5
+    x[0, :50] = -np.inf
+    x[1, 10:20] = x[1, 5]  # ties
+    x[2] = np.round(x[2])  # many ties, zeros of both signs
+    x[2, :5] = -0.0
+    x[2, 5:9] = 0.0
+    x[3, :200] = -np.inf  # fewer finite entries than some k
+    ours = np.asarray(P._top_k_mask(jnp.asarray(x), k))
+    thr = np.sort(x, axis=-1)[:, ::-1][:, k - 1:k]
+    ref = np.where(x < thr, -np.inf, x)
+    np.testing.assert_array_equal(ours, ref)

@@ -29,35 +29,72 @@ class DecodeModel(Protocol):
     def forward(self, params, tokens, positions, cache, cache_index) -> tuple[jax.Array, Any]:
         """tokens/positions (R, T) int32, cache_index (R,) -> (final hidden (R, T, D), new cache)."""
 
-    def logits(self, params, hidden, vocab_slice) -> jax.Array:
-        """hidden (R, D) -> float logits (R, stop - start) for a static (start, stop), or all if None."""
+    def logits(self, params, hidden) -> jax.Array:
+        """hidden (R, D) -> float32 logits over the whole vocabulary (R, V)."""
+
+    def slice_head(self, params, vocab_slice) -> Any:
+        """The output projection restricted to the static (start, stop) id range; computed once per call."""
+
+    def slice_logits(self, head, hidden) -> jax.Array:
+        """hidden (R, D) -> float32 logits (R, stop - start) through `slice_head`'s result."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ChameleonDecodeModel:
-    """`DecodeModel` for `lumina_jax.models.chameleon.Chameleon` (config is a frozen, hashable dataclass)."""
+    """`DecodeModel` for the Chameleon decoder, driven layer by layer with the decoder's own modules.
 
-    config: Any  # ChameleonConfig
-    cache_sharding: Any = None  # optional jax.sharding.Sharding for the (L, R, S, K, H) cache arrays
+    The cache is a tuple of per-layer `KVCache`s (B, S, K, H) rather than one stacked (L, B, S, K, H)
+    array, so each step updates every layer's buffer in place inside the loop; run through the scanned
+    model, each step re-materialises the whole stacked cache (several full copies per token). Parameters
+    may be scanned (`layers`, sliced per layer each step) or unstacked (`layers_0`, ... as loaded with
+    `scan_layers=False`: no per-step weight copies, the recommended layout for decoding).
+    """
+
+    config: Any  # ChameleonConfig (frozen, hashable)
 
     def init_cache(self, batch, length):
-        from lumina_jax.models.chameleon import init_cache
+        import flax.linen as nn
 
-        cache = init_cache(self.config, batch, length)
-        if self.cache_sharding is not None:
-            cache = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.cache_sharding), cache)
-        return cache
+        from lumina_jax.models.attention import CACHE_LAYER_AXES, KVCache
+
+        cfg = self.config
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+
+        def zeros():
+            return nn.with_logical_constraint(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_LAYER_AXES)
+
+        return tuple(KVCache(k=zeros(), v=zeros()) for _ in range(cfg.num_layers))
+
+    def _layer_params(self, params, i):
+        if "layers" in params:
+            return jax.tree.map(lambda x: x[i], params["layers"])
+        return params[f"layers_{i}"]
 
     def forward(self, params, tokens, positions, cache, cache_index):
-        from lumina_jax.models.chameleon import Chameleon
+        from lumina_jax.models.chameleon import DecoderBlock, Embedding, RMSNorm
 
-        return Chameleon(self.config).apply({"params": params}, tokens, positions=positions, cache=cache,
-                                            cache_index=cache_index, return_hidden=True)
+        cfg = self.config
+        x = Embedding(cfg).apply({"params": params["embed_tokens"]}, tokens)
+        new_cache = []
+        for i, layer_cache in enumerate(cache):
+            x, layer_cache = DecoderBlock(cfg).apply({"params": self._layer_params(params, i)}, x, layer_cache,
+                                                     positions, None, cache_index)
+            new_cache.append(layer_cache)
+        norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
+        return norm.apply({"params": params["norm"]}, x), tuple(new_cache)
 
-    def logits(self, params, hidden, vocab_slice):
+    def logits(self, params, hidden):
         from lumina_jax.models.chameleon import compute_logits
 
-        return compute_logits(params, hidden[:, None, :], self.config, vocab_slice)[:, 0, :].astype(jnp.float32)
+        return compute_logits(params, hidden[:, None, :], self.config)[:, 0, :].astype(jnp.float32)
+
+    def slice_head(self, params, vocab_slice):
+        # sliced once, outside the loop (a slice inside the loop body would copy D x 8192 weights per step)
+        return params["lm_head"]["kernel"][:, vocab_slice[0]:vocab_slice[1]].astype(self.config.dtype)
+
+    def slice_logits(self, head, hidden):
+        # as compute_logits: compute dtype, float32 accumulation; the image-logit mask is never applied here
+        return jnp.einsum("rd,dv->rv", hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
 
 
 class DecodeInputs(NamedTuple):
@@ -105,10 +142,10 @@ class progress_hook:
 # ---- the loop ----------------------------------------------------------------------------------------------
 
 
-def _sample(model, params, hidden, state, inputs, settings, ids, size_table, record, rec, B):
+def _sample(model, params, head, hidden, state, inputs, settings, ids, size_table, record, rec, B):
     """From final hidden states (R, D) of the last fed tokens: choose each cond row's next token."""
     guided = settings.use_guidance
-    img = model.logits(params, hidden, ids.image_slice)  # (R, n_img)
+    img = model.slice_logits(head, hidden)  # (R, n_img)
     cond_img, unc_img = (img[:B], img[B:]) if guided else (img, None)
     keys = P.row_keys_at(inputs.row_keys, state)
     body = P.process_body(cond_img, unc_img, state, settings)
@@ -119,7 +156,7 @@ def _sample(model, params, hidden, state, inputs, settings, ids, size_table, rec
         return P.choose_tokens(body, None, state, keys, settings, ids)
 
     def general(_):
-        full = model.logits(params, hidden[:B], None)
+        full = model.logits(params, hidden[:B])
         other = P.process_other(full, state, settings, ids, size_table if settings.constrain_size else None,
                                 inputs.forced_hw)
         return P.choose_tokens(body, other, state, keys, settings, ids)
@@ -139,7 +176,7 @@ def _sample(model, params, hidden, state, inputs, settings, ids, size_table, rec
         if guided:
             rec["uncond_image"] = put(rec["uncond_image"], unc_img)
         if "cond_full" in rec:
-            rec["cond_full"] = put(rec["cond_full"], model.logits(params, hidden[:B], None))
+            rec["cond_full"] = put(rec["cond_full"], model.logits(params, hidden[:B]))
     return tok, rec
 
 
@@ -166,6 +203,7 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
     R, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
     cache = model.init_cache(R, S)
+    head = model.slice_head(params, ids.image_slice)
     hidden, cache = model.forward(params, tokens, positions, cache, jnp.zeros((R,), jnp.int32))
     last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
 
@@ -187,7 +225,7 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
         out = out.at[rows, idx].set(jnp.where(state.done, out[rows, idx], tok))
         return P.advance(state, tok, ids, max_new), out
 
-    tok, rec = _sample(model, params, last, state, inputs, settings, ids, size_table, record, rec, B)
+    tok, rec = _sample(model, params, head, last, state, inputs, settings, ids, size_table, record, rec, B)
     state, out = emit(state, out, tok)
     ulen = inputs.uncond_len
 
@@ -205,7 +243,7 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
             feed = jnp.concatenate([feed, feed])
             pos = jnp.concatenate([slot, uslot])
         hidden, cache = model.forward(params, feed[:, None], pos[:, None], cache, pos)
-        tok, rec = _sample(model, params, hidden[:, 0], state, inputs, settings, ids, size_table, record, rec, B)
+        tok, rec = _sample(model, params, head, hidden[:, 0], state, inputs, settings, ids, size_table, record, rec, B)
         state, out = emit(state, out, tok)
         if progress:
             jax.debug.callback(_tick, step + 1)
