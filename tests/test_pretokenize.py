@@ -131,7 +131,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(setup, reference_run):
     cmd = [sys.executable, "-m", "lumina_jax.data.pretokenize", *args(setup, out)]
     work = out / "_work" / "shard00000-of-00001"
     # 1st kill: chunk 1's file is written but not yet committed in the progress file
-    proc = subprocess.Popen(cmd, env=_subprocess_env(setup, delay=2.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=_subprocess_env(setup, delay=1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (work / "chunk00001.array_record").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
@@ -141,7 +141,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(setup, reference_run):
     assert json.loads((work / "progress.json").read_text())["next_chunk"] == 1
     assert not (out / "dataset_info.json").exists()
     # 2nd kill: at an arbitrary moment of a later chunk
-    proc = subprocess.Popen(cmd, env=_subprocess_env(setup, delay=0.5), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=_subprocess_env(setup, delay=0.3), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     while json.loads((work / "progress.json").read_text())["next_chunk"] < 3:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
         time.sleep(0.05)
