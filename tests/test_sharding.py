@@ -15,7 +15,8 @@ CFG = ChameleonConfig(
     head_dim=16, q_norm_rows=1, k_norm_rows=1, image_token_start=4, image_token_end=260,
     param_dtype="float32", dtype="float32",
 )
-MESHES = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2"]
+MESHES = [("data=8", "fsdp"), ("fsdp=8", "fsdp"), ("tensor=8", "fsdp"), ("data=2,fsdp=2,tensor=2", "fsdp"),
+          ("data=2,fsdp=2,tensor=2", "tensor")]
 BIG = 4096  # parameters with at least this many elements must be sharded on fsdp / tensor meshes
 
 
@@ -50,11 +51,11 @@ def reference():
     return params, tokens, np.asarray(logits)
 
 
-@pytest.mark.parametrize("spec", MESHES)
-def test_same_logits_on_every_mesh(spec, reference):
+@pytest.mark.parametrize("spec,rules_name", MESHES, ids=[f"{m}-{r}" for m, r in MESHES])
+def test_same_logits_on_every_mesh(spec, rules_name, reference):
     params, tokens, ref = reference
     mesh = S.make_mesh(spec)
-    rules = S.FSDP_RULES
+    rules = S.RULE_SETS[rules_name]
     shardings = S.param_shardings(None, CFG, mesh, rules)
     sharded = jax.device_put(params, shardings)
     batch = S.batch_sharding(mesh, rules)
