@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import grain
 import grain.experimental as grain_exp
@@ -61,13 +62,31 @@ class EpochSchedule:
         if self.per_epoch == 0:
             raise ValueError(f"an epoch has {total} items, fewer than shard_count={shard_count} x group={group}")
         self.num_epochs = num_epochs
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.per_epoch * self.num_epochs
 
-    @functools.lru_cache(maxsize=2)
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """(per_epoch, 2) int64 of (source, record) for this host in epoch `epoch`."""
+        """(per_epoch, 2) int64 of (source, record) for this host in epoch `epoch` (the last two are cached)."""
+        with self._lock:  # grain reads with several threads
+            if epoch not in self._cache:
+                if len(self._cache) >= 2:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[epoch] = self._compute_epoch_order(epoch)
+            return self._cache[epoch]
+
+    def __getstate__(self):  # picklable for grain worker processes
+        d = dict(self.__dict__)
+        d["_lock"], d["_cache"] = None, {}
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def _compute_epoch_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         parts = []
         for k, (src, ratio) in enumerate(zip(self.sources, self.ratios)):
