@@ -72,7 +72,11 @@ class KVCache:
         return self.k.shape[-3]
 
     def write(self, k_new: Array, v_new: Array, cache_index: Array) -> "KVCache":
-        """Writes (B, T, K, H) new keys/values of row b at slots cache_index[b] + arange(T) (one layer)."""
+        """Writes (B, T, K, H) new keys/values of row b at slots cache_index[b] + arange(T) (one layer).
+
+        The caller keeps cache_index[b] + T <= max_length: `dynamic_update_slice` clamps the start index
+        instead of failing, which would write to the wrong slots.
+        """
         def put(buf, new, idx):
             return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (idx, 0, 0))
 
