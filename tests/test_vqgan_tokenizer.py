@@ -204,3 +204,19 @@ def test_bfloat16_agrees_with_float32(converted):
     assert np.max(np.abs(y16 - y32)) <= 0.15, np.max(np.abs(y16 - y32))
     assert np.mean(np.abs(y16 - y32)) <= 0.02, np.mean(np.abs(y16 - y32))
     assert np.max(np.abs(y16 - y32)) > 0  # it really computed in bf16
+
+
+def test_torch_load_path_and_bare_state_dict_give_the_same_weights(converted, tmp_path):
+    d, ckpt, yaml_path, tok = converted
+    assert convert_main(["vqgan", "--ckpt", str(ckpt), "--config", str(yaml_path), "--out", str(tmp_path / "t"),
+                         "--torch-load"]) == 0
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    torch.save({k: v for k, v in sd.items() if not k.startswith("loss.")}, tmp_path / "bare.pt")
+    assert convert_main(["vqgan", "--ckpt", str(tmp_path / "bare.pt"), "--config", str(yaml_path),
+                         "--out", str(tmp_path / "b")]) == 0
+    for out in ("t", "b"):
+        restored = checkpoint.restore_params(tmp_path / out)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored),
+                     jax.tree.map(np.asarray, tok.params))
+    with pytest.raises(ConversionError, match="no 'weights' entry"):
+        convert_vqgan.read_state_dict(str(ckpt), key="weights")
