@@ -40,7 +40,7 @@ STORAGE_DTYPES = {
     "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
-# torch dtype names (pickled as `torch.float32`) -> numpy dtype, used by `torch.device`-free metadata only
+# torch dtype objects (pickled as `torch.float32`, e.g. in hyper-parameters) resolve to inert `TorchDtype`s
 TORCH_DTYPES = {
     "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
     "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
@@ -174,10 +174,6 @@ def _device(*args):
     return ":".join(str(a) for a in args)
 
 
-def _parameter_class(*args, **kwargs):
-    raise pickle.UnpicklingError("torch.nn.Parameter may only appear as a type marker")
-
-
 ALLOWED_GLOBALS: dict[str, Any] = {
     "collections.OrderedDict": collections.OrderedDict,
     "collections.Counter": collections.Counter,
@@ -287,7 +283,3 @@ def as_numpy(x: Any) -> np.ndarray:
 
 def is_tensor(x: Any) -> bool:
     return isinstance(x, (LazyTensor, np.ndarray))
-
-
-def tensor_shape(x: Any) -> tuple[int, ...]:
-    return tuple(x.shape)
