@@ -442,7 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("out", help="output checkpoint directory (must not exist unless --overwrite)")
         parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default=None,
                             help="storage dtype of the parameters (default: keep the source file's dtype)")
-        parser.add_argument("--compute-dtype", choices=sorted(DTYPE_CHOICES), default="bfloat16",
+        parser.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                             help="activation/matmul dtype written to config.json `dtype` (default: bfloat16)")
         parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                             help="write scan_layers=false to config.json (the stored layout stays scanned; "
