@@ -174,7 +174,8 @@ def model_leaf_shapes(cfg: ChameleonConfig) -> dict[str, tuple[int, ...]]:
     from lumina_jax.models.chameleon import Chameleon
 
     cfg = cfg.replace(scan_layers=True, remat_policy="none")
-    abstract = jax.eval_shape(Chameleon(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    # Everything inside eval_shape, so no backend (and no accelerator) is initialised by a conversion.
+    abstract = jax.eval_shape(lambda: Chameleon(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     flat = flatten(nn.unbox(abstract["params"]))
     return {k: tuple(v.shape) for k, v in flat.items()}
 
