@@ -103,7 +103,7 @@ def test_matches_transformers_fp32(cfg):
     tokens = random_tokens(cfg, SHAPE, 1)
     hf = _hf_model(cfg, params)
     with torch.no_grad():
-        hidden_ref = hf(input_ids=torch.from_numpy(np.asarray(tokens)).long()).last_hidden_state.numpy()
+        hidden_ref = hf(input_ids=torch.from_numpy(np.array(tokens)).long()).last_hidden_state.numpy()
     logits_ref = hidden_ref @ np.asarray(params["lm_head"]["kernel"])
     hidden = forward(cfg, params, tokens, return_hidden=True)
     logits = forward(cfg, params, tokens)
