@@ -1,5 +1,128 @@
-"""Inference entry point (arrives with the generation issue)."""
+"""Generate images and text with a Lumina-mGPT model directory (built by `python -m lumina_jax.convert assemble`).
+
+Examples:
+    python infer.py --checkpoint ckpts/lumina-7b-768 --prompt "a red fox in the snow" --size 768x768 \\
+        --cfg 4 --seed 0 --num-images 2 --out out/
+    python infer.py --checkpoint ckpts/lumina-7b-768-omni --task depth --image photo.jpg --out out/
+    python infer.py --checkpoint ckpts/lumina-7b-512 --task chat --prompt "What is this? <|image|>" \\
+        --image photo.jpg --out out/ --mesh tensor=8
+
+Writes NNN_seedS_K.png for every generated image and NNN_seedS.json with the prompt, the generated text
+(<|image|> marks each image) and every setting. Tasks: see --task.
+"""
+from __future__ import annotations
+
+import argparse
+import json
 import sys
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from lumina_jax.tasks import TASKS
+
+    p = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="assembled model directory (lumina.json, decoder/, vqgan/, tokenizer/)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", default=None,
+                     help="a prompt (repeat for several; all run in one batch)")
+    src.add_argument("--prompts-file", default=None,
+                     help="text file with one prompt per line (blank lines skipped); or .jsonl of "
+                          '{"prompt": str, "images": [paths]} objects')
+    p.add_argument("--task", default="t2i", choices=list(TASKS),
+                   help="prompt preset: " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
+    p.add_argument("--image", action="append", default=[],
+                   help="input image file for every prompt (repeat for several; understanding, omni and chat tasks)")
+    p.add_argument("--size", default=None,
+                   help="WIDTHxHEIGHT of generated images, e.g. 768x512; must be on the model's crop list. "
+                        "Forces the size tokens (and fills the t2i prompt). Without it sizes come from the crop list")
+    p.add_argument("--target-size", type=int, default=None,
+                   help="training resolution whose crop list applies (default: the directory's lumina.json)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the task's; 1 = off)")
+    p.add_argument("--image-top-k", type=int, default=None, help="top-k inside images (default: the task's)")
+    p.add_argument("--text-top-k", type=int, default=None, help="top-k outside images (default: the task's, 10)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy; default 1)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass after top-k (default 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image j of a prompt uses seed + j")
+    p.add_argument("--num-images", type=int, default=1, help="answers per prompt (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=8192, help="generation length limit per answer (default 8192)")
+    p.add_argument("--unconstrained-size", action="store_true",
+                   help="sample the size tokens freely, as the reference (default: only crop-list sizes)")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. tensor=8 or data=4,tensor=2 (axes data, fsdp, tensor; default: one device)")
+    p.add_argument("--rules", default="tensor", choices=["tensor", "fsdp"],
+                   help="parameter layout on the mesh: tensor parallel or FSDP (default tensor)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype override (default: the decoder's config.json)")
+    p.add_argument("--out", required=True, help="output directory for the PNGs and JSON sidecars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return p
+
+
+def read_prompts(args) -> tuple[list[str], list[list[str]]]:
+    """(prompts, image lists) from --prompt / --prompts-file plus --image."""
+    from lumina_jax.inference import InferenceError
+
+    if args.prompts_file:
+        try:
+            lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
+        except OSError as e:
+            raise InferenceError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
+        if args.prompts_file.endswith(".jsonl"):
+            prompts, images = [], []
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    prompts.append(item["prompt"])
+                    images.append(list(item.get("images", [])) + list(args.image))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise InferenceError(f"{args.prompts_file}:{n}: expected {{\"prompt\": ..., \"images\": [...]}} "
+                                         f"({type(e).__name__}: {e})") from None
+            return prompts, images
+        prompts = [x for x in lines if x.strip()]
+    else:
+        prompts = list(args.prompt or [""])
+    if not prompts:
+        raise InferenceError("no prompts given (use --prompt or --prompts-file)")
+    return prompts, [list(args.image) for _ in prompts]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from lumina_jax.inference import InferenceError, Lumina, parse_size
+
+    try:
+        prompts, images = read_prompts(args)
+        size = parse_size(args.size) if args.size else None
+        for files in images:  # fail on a missing file before loading the model
+            for f in files:
+                import os
+
+                if not os.path.isfile(f):
+                    raise InferenceError(f"image file not found: {f}")
+        lm = Lumina.load(args.checkpoint, mesh=args.mesh, rules=args.rules, dtype=args.dtype,
+                         target_size=args.target_size)
+        if size is not None:
+            lm.size_to_patches(size)
+        results = lm.generate(prompts, task=args.task, images=images, size=size, cfg=args.cfg,
+                              image_top_k=args.image_top_k, text_top_k=args.text_top_k, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, num_images=args.num_images,
+                              max_new_tokens=args.max_new_tokens, constrain_size=not args.unconstrained_size,
+                              progress=args.progress)
+        run_info = {k: v for k, v in vars(args).items() if k not in ("prompt", "progress")}
+        written = Lumina.save(results, args.out, run_info=run_info)
+    except InferenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n_img = sum(1 for p in written if p.suffix == ".png")
+    for r in results:
+        if r.unfinished_image:
+            print(f"warning: seed {r.seed}: the length limit cut an image ({r.unfinished_image}); "
+                  "raise --max-new-tokens", file=sys.stderr)
+    print(f"wrote {n_img} image(s) and {len(results)} JSON file(s) to {args.out}")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit("infer.py: generation is not implemented yet")
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Python API for inference from one assembled model directory (see `python -m lumina_jax.convert assemble`).
+
+    from lumina_jax.inference import Lumina
+    lm = Lumina.load("ckpts/lumina-7b-768", mesh="tensor=8")
+    results = lm.generate(["a red fox in the snow"], task="t2i", size=(768, 768), seed=0, num_images=2)
+    lm.save(results, "out/")            # PNGs + one JSON sidecar per result
+
+    lm.generate(["What is in this picture? <|image|>"], task="chat", images=[[PIL.Image.open("x.png")]])
+    lm.generate([[("Draw a cat.", "<|image|>"), ("Now make it blue.", None)]], images=[[cat]])   # multi-turn
+
+Every prompt x image index is one row of a single batch (conditional and unconditional rows together);
+row j of a prompt uses seed `seed + j` (as the reference's generate script), so a result does not depend on
+which other prompts share its batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from lumina_jax import checkpoint
+from lumina_jax.sampling import processors as P
+from lumina_jax.tasks import get_task
+
+MANIFEST = "lumina.json"
+IMAGE_PLACEHOLDER = "<|image|>"
+
+
+class InferenceError(ValueError):
+    """A problem with the user's request or files (one line, naming the value, file or field)."""
+
+
+@dataclasses.dataclass
+class Result:
+    """One generated answer."""
+
+    prompt: Any  # the user's prompt (string or list of (question, answer) turns)
+    task: str
+    seed: int
+    text: str  # decoded answer; <|image|> marks each generated image
+    images: list  # PIL images (a string explains an image whose layout was invalid)
+    token_ids: list[int]
+    stopped: str  # "end_of_turn" or "length"
+    unfinished_image: Optional[dict]  # set when the length limit cut an image: {"h", "w", "body_tokens"}
+    settings: dict  # every sampling setting used
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "task": self.task, "seed": self.seed, "text": self.text,
+                "num_images": len(self.images), "num_tokens": len(self.token_ids), "stopped": self.stopped,
+                "unfinished_image": self.unfinished_image, "settings": self.settings}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'768x512' -> (768, 512) (width x height in pixels)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m:
+        raise InferenceError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+class Lumina:
+    """A loaded model directory: decoder, VQGAN, tokenizer and crop list, optionally on a device mesh."""
+
+    def __init__(self, directory, decoder_config, params, image_tokenizer, tokenizer, special, target_size,
+                 mesh=None, rules=None):
+        from lumina_jax.sampling.decode import ChameleonDecodeModel
+        from lumina_jax.unirep import crop_size_list
+
+        self.directory, self.config, self.params = directory, decoder_config, params
+        self.image_tokenizer, self.tokenizer, self.special = image_tokenizer, tokenizer, special
+        self.target_size, self.mesh, self.rules = target_size, mesh, rules
+        self.crop_sizes = crop_size_list(target_size)
+        self.model = ChameleonDecodeModel(decoder_config)
+        self.ids = P.TokenIds.from_special_ids(special, decoder_config.vocab_size)
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mesh: str | Any = None, rules: str = "tensor",
+             dtype: str | None = None, target_size: int | None = None) -> "Lumina":
+        """Loads an assembled directory. `mesh`: None (one device), a spec like "tensor=8" or "data=4,tensor=2",
+        or a jax Mesh; `rules`: "tensor" or "fsdp" parameter layout; `dtype`: compute dtype override."""
+        import jax
+
+        from lumina_jax.config import ChameleonConfig
+        from lumina_jax.image_tokenizer import ImageTokenizer
+        from lumina_jax.tokenizer import SpecialIds, TextTokenizer
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise InferenceError(f"{directory}: checkpoint directory does not exist")
+        try:
+            manifest = checkpoint.read_json(directory, MANIFEST)
+        except (checkpoint.CheckpointError, json.JSONDecodeError) as e:
+            raise InferenceError(f"{directory}: not an assembled model directory ({e}); "
+                                 "build one with `python -m lumina_jax.convert assemble`") from None
+        try:
+            dec_dir = directory / manifest["decoder"]
+            cfg = ChameleonConfig.from_dict(checkpoint.read_json(dec_dir, "config.json"))
+            cfg = cfg.replace(scan_layers=False, **({"dtype": dtype} if dtype else {}))
+            tok = TextTokenizer.load(str(directory / manifest["tokenizer"]))
+            special = SpecialIds.from_tokenizer(tok)
+            from lumina_jax import sharding as S
+
+            if mesh is None:
+                mesh_obj = S.make_mesh("data=1", devices=jax.devices()[:1])
+            else:
+                mesh_obj = S.make_mesh(mesh) if isinstance(mesh, str) else mesh
+            if rules not in S.RULE_SETS:
+                raise InferenceError(f"rules {rules!r} unknown; known: {sorted(S.RULE_SETS)}")
+            rule_set = S.RULE_SETS[rules]
+            params = S.load_params_sharded(dec_dir, cfg, mesh_obj, rule_set)
+            vq = ImageTokenizer.from_checkpoint(directory / manifest["vqgan"])
+        except (checkpoint.CheckpointError, KeyError, ValueError, FileNotFoundError, OSError) as e:
+            if isinstance(e, InferenceError):
+                raise
+            raise InferenceError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        if vq.config.n_embed != special.num_image_codes:
+            raise InferenceError(f"{directory}: VQGAN has {vq.config.n_embed} codes but the tokenizer has "
+                                 f"{special.num_image_codes} image tokens")
+        return cls(directory, cfg, params, vq, tok, special, int(target_size or manifest.get("target_size", 512)),
+                   mesh_obj, rule_set)
+
+    # ---- prompts ---------------------------------------------------------------------------------------------
+    def size_to_patches(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(W, H) px -> (h, w) patches, checked against the crop list of the target size."""
+        if tuple(size) not in self.crop_sizes:
+            near = sorted(self.crop_sizes, key=lambda c: abs(c[0] / c[1] - size[0] / max(size[1], 1)))[:4]
+            raise InferenceError(f"size {size[0]}x{size[1]} is not on the crop list for target size "
+                                 f"{self.target_size} ({len(self.crop_sizes)} sizes; closest aspect: "
+                                 f"{', '.join(f'{w}x{h}' for w, h in near)})")
+        return size[1] // 32, size[0] // 32
+
+    def encode_images(self, images: Sequence[Any]) -> list[list[int]]:
+        """PIL images or paths -> UniRep token ids (center crop to the closest crop size, VQGAN in batches)."""
+        from PIL import Image
+
+        from lumina_jax.unirep import images_to_unirep
+
+        pils = []
+        for im in images:
+            if isinstance(im, (str, os.PathLike)):
+                if not os.path.isfile(im):
+                    raise InferenceError(f"image file not found: {im}")
+                try:
+                    im = Image.open(im)
+                    im.load()
+                except OSError as e:
+                    raise InferenceError(f"image file {im}: unreadable ({e})") from None
+            pils.append(im)
+        if not pils:
+            return []
+        return [t.tolist() for t in images_to_unirep(pils, self.image_tokenizer, self.crop_sizes, self.special)]
+
+    def prompt_ids(self, prompt: Any, task: str, images: Sequence[Any] = (), size=None) -> list[int]:
+        """Token ids of one prompt: `[bos, ..., 8710]` (a string, or multi-turn (question, answer) pairs)."""
+        from lumina_jax.conversation import ConversationError, build_prompt
+
+        preset = get_task(task)
+        if isinstance(prompt, str) or prompt is None:
+            w, h = size if size is not None else (None, None)
+            try:
+                turns = [(preset.message(prompt, w, h), None)]
+            except ValueError as e:
+                raise InferenceError(str(e)) from None
+        else:
+            turns = [(q, a) for q, a in prompt]
+        if preset.input_images is not None and len(images) != preset.input_images:
+            raise InferenceError(f"task {task!r} takes {preset.input_images} input image(s), got {len(images)}")
+        try:
+            return build_prompt(turns, self.tokenizer, self.special, self.encode_images(images))
+        except ConversationError as e:
+            raise InferenceError(str(e)) from None
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Any], *, task: str = "t2i", images: Sequence[Sequence[Any]] | None = None,
+                 size: tuple[int, int] | str | None = None, cfg: float | None = None, image_top_k: int | None = None,
+                 text_top_k: int | None = None, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 num_images: int = 1, max_new_tokens: int = 8192, constrain_size: bool = True,
+                 open_image: bool | None = None, progress: bool = True, decode_images: bool = True) -> list[Result]:
+        """Generates `num_images` answers per prompt in one batch; returns them prompt-major.
+
+        `size` (W, H) forces the size tokens (and fills the t2i template); without it the size tokens are
+        limited to the crop list of the target size (`constrain_size=False`: unconstrained, as the reference).
+        `cfg`, `image_top_k`, `text_top_k` default to the task preset's values. `open_image` (default: the
+        preset's `answer_is_image`) ends the prompt with <racm3:break> (and the size tokens when `size` is
+        given); `token_ids` and `text` of the results include those tokens.
+        """
+        from lumina_jax.sampling.generate import size_table_from_crops
+
+        preset = get_task(task)
+        if isinstance(size, str):
+            size = parse_size(size)
+        forced = self.size_to_patches(size) if size is not None else None
+        images = images if images is not None else [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise InferenceError(f"{len(images)} image lists for {len(prompts)} prompts")
+        if num_images < 1:
+            raise InferenceError(f"num_images must be >= 1, got {num_images}")
+        try:
+            settings = P.SamplingSettings(
+                cfg_scale=preset.cfg if cfg is None else float(cfg),
+                image_top_k=preset.image_top_k if image_top_k is None else int(image_top_k),
+                text_top_k=preset.text_top_k if text_top_k is None else int(text_top_k),
+                temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
+                constrain_size=constrain_size)
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
+        open_image = preset.answer_is_image if open_image is None else open_image
+        header = []  # the image opened for the model; with a size, its size tokens fed too
+        if open_image:
+            header = [self.ids.image_start]
+            if forced is not None:
+                header += [self.ids.size_base + forced[0], self.ids.size_base + forced[1]]
+        base = [self.prompt_ids(p, task, im, size) + header for p, im in zip(prompts, images)]
+        rows = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
+        out_rows = self._run([base[i] for i, _ in rows], [seed + j for _, j in rows], [forced] * len(rows),
+                             settings, progress)
+        results = []
+        for (i, j), r in zip(rows, out_rows):
+            r.tokens = header + r.tokens
+            results.append(self._result(prompts[i], task, seed + j, r, settings, size))
+        if decode_images:
+            self._decode_all(results)
+        return results
+
+    def _run(self, prompts, seeds, forced, settings, progress):
+        import jax
+        from tqdm import tqdm
+
+        from lumina_jax.sampling.generate import generate_tokens, size_table_from_crops
+
+        from lumina_jax import sharding as S
+
+        n = len(prompts)
+        # the batch (and its guidance twin) must split evenly over the mesh's batch axes
+        shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
+        pad = (-n) % shards
+        prompts = list(prompts) + [prompts[0]] * pad
+        seeds, forced = list(seeds) + [seeds[0]] * pad, list(forced) + [forced[0]] * pad
+        bar = tqdm(total=settings.max_new_tokens, desc="generating", unit="tok", disable=not progress,
+                   file=sys.stderr)
+
+        def tick(step):
+            bar.update(max(0, step - bar.n))
+
+        kw = dict(seeds=seeds, settings=settings, ids=self.ids, size_table=size_table_from_crops(self.crop_sizes),
+                  forced_hw=forced, progress=tick if progress else None)
+        try:
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            with S.sharding_context(self.mesh, self.rules):
+                rows = generate_tokens(self.model, self.params, prompts, input_sharding=replicated, **kw)
+        finally:
+            bar.close()
+        return rows[:n]
+
+    def _result(self, prompt, task, seed, row, settings, size) -> Result:
+        from lumina_jax.sampling.generate import split_generation
+
+        segs = split_generation(row.tokens, self.ids, placeholder=-1)
+        parts, text_ids = [], []
+        for t in segs.text_ids + [None]:
+            if t == -1 or t is None:
+                parts.append(self.tokenizer.decode(text_ids) if text_ids else "")
+                text_ids = []
+            else:
+                text_ids.append(t)
+        text = IMAGE_PLACEHOLDER.join(parts)
+        unfinished = row.unfinished_image
+        s = dataclasses.asdict(settings)
+        s.update(size=None if size is None else f"{size[0]}x{size[1]}", target_size=self.target_size)
+        res = Result(prompt, task, seed, text, segs.images, row.tokens, row.stopped, unfinished, s)
+        return res
+
+    def _decode_all(self, results: list[Result]) -> None:
+        """Replaces each result's image token lists by PIL images (one VQGAN batch per size, all results)."""
+        from lumina_jax.sampling.generate import decode_images
+
+        flat = [t for r in results for t in r.images]
+        pics = decode_images(flat, self.image_tokenizer, self.special)
+        k = 0
+        for r in results:
+            r.images = pics[k:k + len(r.images)]
+            k += len(r.images)
+
+    # ---- output ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def save(results: Sequence[Result], out_dir: str | os.PathLike, run_info: dict | None = None) -> list[Path]:
+        """Writes `NNN_seedS_K.png` per image and `NNN_seedS.json` per result; returns the paths written."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for n, r in enumerate(results):
+            stem = f"{n:03d}_seed{r.seed}"
+            files = []
+            for k, im in enumerate(r.images):
+                if isinstance(im, str):
+                    files.append(im)
+                    continue
+                p = out / f"{stem}_{k}.png"
+                im.save(p)
+                files.append(p.name)
+                written.append(p)
+            meta = r.to_json()
+            meta["images"] = files
+            if run_info:
+                meta["run"] = run_info
+            p = out / f"{stem}.json"
+            p.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            written.append(p)
+        return written
+
