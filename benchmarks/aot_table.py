@@ -8,7 +8,8 @@ program compiles and fits, found by compiling candidates (smallest first) with `
 Train rows use the reference's per-device batch (8 sequences of data.seq_len per chip and optimizer step,
 spec §6) reached by gradient accumulation; generation rows use guidance at 768 px on tensor-parallel meshes.
 A candidate smaller than the first fitting one is listed with why it does not fit: the compiler's verdict,
-or "state alone" when the fp32 weights and Adam moments (12 bytes per parameter) exceed the HBM.
+or a lower bound: a train step holds fp32 weights, both Adam moments and fp32 gradients at once (16 bytes
+per parameter), and when that alone exceeds the usable HBM the candidate is not compiled.
 This is a planning tool, not a speed benchmark: it runs no baseline, and each compile of a 7B/34B program
 takes minutes on a 2-core host.
 """
@@ -18,9 +19,12 @@ import argparse
 import dataclasses
 import json
 import os
+import hashlib
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
@@ -28,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
 GiB = 1024 ** 3
 HBM = {"v5e": 16 * GiB, "v5p": 95 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
+# HBM the TPU compiler lets a program use, where we have seen it state it (v5e: "available HBM (15.75G)").
+USABLE = {"v5e": 15.75 * GiB}
 PARAMS = {"7b": 7.013e9, "34b": 34.294e9}  # spec §1.1
 PER_DEVICE_BATCH = 8  # the reference: --batch_size 8 per GPU
 
@@ -59,9 +65,12 @@ def _chips(topology: str) -> int:
     return n
 
 
+TP4 = "fsdp=-1,tensor=4"
+GEN = ("generate.batch_size=8",)
 ROWS = (
     Row("7b-512-v5p", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "train", "7b",
         (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
+    # the 768 stage trains the same program as 512 (both data.seq_len=4096): the cache shares the compile
     Row("7b-768-v5p", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
         (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
     Row("7b-1024-v5p", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
@@ -69,25 +78,25 @@ ROWS = (
     Row("34b-512-v5p", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "train", "34b",
         (Candidate("v5p:2x2x1", "fsdp=-1", accum=8), Candidate("v5p:2x2x2", "fsdp=-1", accum=8))),
     Row("7b-512-v5e", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "train", "7b",
-        (Candidate("v5e:2x2", "fsdp=-1", accum=8), Candidate("v5e:2x4", "fsdp=-1", accum=8),
-         Candidate("v5e:4x4", "fsdp=-1", accum=8))),
-    Row("7b-768-v5e", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
-        (Candidate("v5e:2x2", "fsdp=-1", accum=8), Candidate("v5e:2x4", "fsdp=-1", accum=8),
-         Candidate("v5e:4x4", "fsdp=-1", accum=8))),
+        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32),
+         Candidate("v5e:4x4", TP4, accum=32))),
     Row("7b-1024-v5e", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
-        (Candidate("v5e:2x2", "fsdp=-1", accum=8), Candidate("v5e:2x4", "fsdp=-1", accum=8),
-         Candidate("v5e:4x4", "fsdp=-1", accum=8))),
+        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32),
+         Candidate("v5e:4x4", TP4, accum=32))),
     Row("34b-512-v5e", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "train", "34b",
-        (Candidate("v5e:4x8", "fsdp=-1,tensor=4", accum=32), Candidate("v5e:8x8", "fsdp=-1,tensor=4", accum=32),
+        (Candidate("v5e:4x8", TP4, accum=32), Candidate("v5e:8x8", "fsdp=-1,tensor=4", accum=32),
          Candidate("v5e:8x16", "fsdp=-1,tensor=4", accum=32))),
     Row("7b-gen-v5e", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
-        (Candidate("v5e:2x2", "tensor=-1", remat="none", extra=("generate.batch_size=8",)),)),
-    Row("7b-gen-v5p", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
-        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=("generate.batch_size=8",)),)),
+        (Candidate("v5e:2x2", "tensor=-1", remat="none", extra=GEN),)),
     Row("34b-gen-v5e", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
-        (Candidate("v5e:2x4", "tensor=-1", remat="none", extra=("generate.batch_size=8",)),)),
+        (Candidate("v5e:2x4", "tensor=-1", remat="none", extra=GEN),)),
+    Row("7b-gen-v5p", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
+        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=GEN),)),
     Row("34b-gen-v5p", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
-        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=("generate.batch_size=8",)),)),
+        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=GEN),)),
+    Row("7b-768-v5e", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
+        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32),
+         Candidate("v5e:4x4", TP4, accum=32))),
 )
 
 
@@ -104,16 +113,46 @@ def state_bound(row: Row, c: Candidate) -> str:
     """Why a candidate cannot fit without compiling it, or "" when it might."""
     if row.mode != "train":
         return ""
-    per_chip = 12 * PARAMS[row.model] / _chips(c.topology)
-    hbm = HBM[c.topology.split(":")[0]]
+    per_chip = 16 * PARAMS[row.model] / _chips(c.topology)
+    gen = c.topology.split(":")[0]
+    hbm = USABLE.get(gen, HBM[gen])
     if per_chip > hbm:
-        return f"state alone {per_chip / GiB:.1f} GiB > {hbm / GiB:.0f} GiB"
+        return f"weights + Adam + gradients alone {per_chip / GiB:.2f} GiB > {hbm / GiB:.2f} GiB usable"
     return ""
 
 
+def program_key(row: Row, c: Candidate) -> str:
+    """Names the compiled program: the effective config (minus names and paths), topology and mode."""
+    from lumina_jax.training.config import load_config
+
+    cmd = command(row, c, "")
+    overrides = [a for a in cmd if "=" in a and not a.startswith("generate.")]
+    cfg = load_config(os.path.join(ROOT, row.config), overrides).to_dict()
+    for k in ("name", "output_dir", "checkpoint", "log"):
+        cfg.pop(k, None)
+    blob = json.dumps([cfg, row.mode, c.topology, list(c.extra), PER_DEVICE_BATCH], sort_keys=True)
+    digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return f"{row.mode}_{row.model}_{c.topology.replace(':', '-')}_{digest}"
+
+
+_locks: dict = {}
+_locks_guard = threading.Lock()
+
+
 def evaluate(row: Row, c: Candidate, cache_dir: str, fresh: bool, log) -> dict:
-    name = f"{row.key}__{c.topology.replace(':', '-')}__{c.mesh.replace('=', '').replace(',', '_')}_a{c.accum}_{c.remat}"
+    name = program_key(row, c)
+    with _locks_guard:
+        lock = _locks.setdefault(name, threading.Lock())
+    with lock:  # two rows with the same program compile it once
+        return _evaluate(row, c, name, cache_dir, fresh and name not in _done, log)
+
+
+_done: set = set()
+
+
+def _evaluate(row: Row, c: Candidate, name: str, cache_dir: str, fresh: bool, log) -> dict:
     path = os.path.join(cache_dir, name + ".json")
+    _done.add(name)
     if os.path.exists(path) and not fresh:
         with open(path) as f:
             return json.load(f)
@@ -174,18 +213,18 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default="/tmp/lumina_aot_results",
                    help="where each compile's JSON report is kept, so a rerun only compiles what is missing")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and compile again")
+    p.add_argument("--jobs", type=int, default=3, help="rows compiled at the same time (each compile is one process)")
     p.add_argument("--write", default="", help="markdown file whose table between the aot-table markers is replaced")
     args = p.parse_args(argv)
     os.makedirs(args.cache_dir, exist_ok=True)
     rows = [r for r in ROWS if args.only is None or any(r.key.startswith(o) for o in args.only)]
-    results = []
-    bar = tqdm(rows, desc="rows", unit="row")
-    for row in bar:
-        bar.set_postfix_str(row.key)
+    bar = tqdm(total=len(rows), desc="rows", unit="row")
+
+    def do_row(row: Row):
         fit, smaller = None, "-"
         for c in row.candidates:
             try:
-                r = evaluate(row, c, args.cache_dir, args.fresh, lambda s: tqdm.write(s))
+                r = evaluate(row, c, args.cache_dir, args.fresh, tqdm.write)
             except RuntimeError as e:  # a compiler or tool error: report it in the row, go on with the others
                 tqdm.write(str(e))
                 smaller = f"{c.topology}: error ({str(e)[-120:]})"
@@ -195,11 +234,14 @@ def main(argv=None) -> int:
                 break
             why = r.get("reason") or f"needs {gib(r['total_bytes'])}" + ("+" if r.get("temp_bytes") is None else "")
             smaller = f"{c.topology}: {why}"
-        if fit is None:
-            smaller = smaller
-        elif smaller == "-" and row.mode == "train":
+        if fit is not None and smaller == "-" and row.mode == "train":
             smaller = "smallest slice of the generation"
-        results.append((row, fit, smaller))
+        bar.update(1)
+        return row, fit, smaller
+
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        results = list(pool.map(do_row, rows))
+    bar.close()
     text = table(results)
     print(text)
     if args.write:

@@ -128,6 +128,12 @@ def parse_oom(message: str) -> tuple[Optional[int], Optional[int]]:
     return None, None
 
 
+def format_seconds(t: float) -> str:
+    if t >= 1:
+        return f"{t:.2f} s"
+    return f"{t * 1e3:.2f} ms" if t >= 1e-3 else f"{t * 1e6:.1f} us"
+
+
 def _largest_inputs(tree: Any, keep: int) -> list[str]:
     rows = []
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -236,13 +242,13 @@ def format_report(rep: Report) -> str:
     if rep.xla_flops_per_device is not None:
         lines.append(f"  XLA cost analysis  {rep.xla_flops_per_device:.4g} per device  [counts each loop body once]")
     if rep.mode == "train":
-        lines.append(f"step time   {rep.step_seconds():.3f} s at {rep.mfu:.0%} MFU "
+        lines.append(f"step time   {format_seconds(rep.step_seconds())} at {rep.mfu:.0%} MFU "
                      f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip, model FLOPs)")
     else:
         d = rep.decode
-        lines.append(f"decode      {rep.step_seconds() * 1e3:.2f} ms per step (max of compute at {rep.mfu:.0%} MFU and "
+        lines.append(f"decode      {format_seconds(rep.step_seconds())} per step (max of compute at {rep.mfu:.0%} MFU and "
                      f"reading weights + KV cache at {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
-                     f"{d['steps']} steps -> {rep.step_seconds() * d['steps']:.1f} s per image batch")
+                     f"{d['steps']} steps -> {format_seconds(rep.step_seconds() * d['steps'])} per image batch")
     lines.append(rep.verdict())
     if not rep.fits:
         if rep.compiler_message:
