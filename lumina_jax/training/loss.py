@@ -80,13 +80,18 @@ def _fused_forward(logits_fn, z_loss_weight, chunk, head, hidden, targets, weigh
         ce_acc, z_acc, dhead_acc = carry
         h, t, w = xs
         logits, vjp_fn = jax.vjp(logits_fn, head, h)
-        logits32, lse, tl = _chunk_stats(logits, t, w)
+        logits32 = logits.astype(jnp.float32)
+        # one exp pass serves both the logsumexp and the softmax
+        m = jax.lax.stop_gradient(jnp.max(logits32, axis=-1, keepdims=True))
+        e = jnp.exp(logits32 - m)
+        s = jnp.sum(e, axis=-1, keepdims=True)
+        lse = (m + jnp.log(s))[..., 0]
+        tl = jnp.take_along_axis(logits32, t[..., None], axis=-1)[..., 0]
         ce, z = _sums(lse, tl, w)
         # d/dlogits of w * (lse - logit_t) + zw * w * lse^2  =  w * (p - onehot_t) + 2 zw w lse p
-        p = jnp.exp(logits32 - lse[..., None])
-        scale = (w * (1.0 + 2.0 * z_loss_weight * lse))[..., None]
-        onehot = jax.nn.one_hot(t, logits32.shape[-1], dtype=jnp.float32)
-        dlogits = p * scale - onehot * w[..., None]
+        scale = (w * (1.0 + 2.0 * z_loss_weight * lse))[..., None] / s
+        is_target = jax.lax.broadcasted_iota(jnp.int32, logits32.shape, logits32.ndim - 1) == t[..., None]
+        dlogits = e * scale - jnp.where(is_target, w[..., None], 0.0)
         dhead, dh = vjp_fn(dlogits.astype(logits.dtype))
         dhead_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), dhead_acc, dhead)
         return (ce_acc + ce, z_acc + z, dhead_acc), dh
