@@ -24,3 +24,14 @@ def test_save_restore_roundtrip(tmp_path):
     assert checkpoint.read_json(tmp_path / "c", "config.json") == {"x": 1}
     with pytest.raises(checkpoint.CheckpointError, match="missing"):
         checkpoint.read_json(tmp_path / "c", "nope.json")
+
+
+def test_atomic_directory_result_is_not_private(tmp_path):
+    import os
+    import stat
+
+    with checkpoint.atomic_directory(tmp_path / "c") as d:
+        checkpoint.write_json(d, "x.json", {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "c").st_mode) == 0o777 & ~umask

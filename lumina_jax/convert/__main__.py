@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Conversion never needs an accelerator; keep JAX (started by Orbax) on the host unless told otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from lumina_jax.convert.errors import ConversionError
 
