@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,15 @@ TEST_OVERRIDES = ["data.seq_len=32", "data.global_batch_size=8", "loss.chunk_siz
                   "log.progress_bar=false", "log.tensorboard=false"]
 
 
+# One persistent compilation cache for every train.py subprocess of this test session: a restarted or
+# resumed run compiles the same programs again, and reads them from here instead.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="lumina_train_jit_cache_")
+
+
 def train_env(devices: int = 8) -> dict:
     env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
