@@ -255,6 +255,7 @@ class Lumina:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             with S.sharding_context(self.mesh, self.rules):
                 rows = generate_tokens(self.model, self.params, prompts, input_sharding=replicated, **kw)
+            bar.update(max(0, max(len(r.tokens) for r in rows) - bar.n))
         finally:
             bar.close()
         return rows[:n]

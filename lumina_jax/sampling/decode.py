@@ -12,7 +12,6 @@ processing) runs under `lax.cond` only when some row is outside an image body.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
@@ -116,27 +115,30 @@ class DecodeOutput(NamedTuple):
 
 
 # ---- progress reporting from inside the jitted loop ------------------------------------------------------
-_progress = threading.local()
+# The host callback runs on a runtime thread, so the current hook is a module-level slot (one generation at a
+# time per process reports progress; others run silently).
+_PROGRESS: list = [None]
+PROGRESS_EVERY = 4  # steps between host callbacks
 
 
 def _tick(done_steps):
-    fn = getattr(_progress, "fn", None)
+    fn = _PROGRESS[0]
     if fn is not None:
         fn(int(done_steps))
 
 
 class progress_hook:
-    """Context manager: `fn(step)` is called from the decode loop after every step (host callback)."""
+    """Context manager: `fn(step)` is called from the decode loop every few steps (host callback)."""
 
     def __init__(self, fn: Callable[[int], None] | None):
         self.fn = fn
 
     def __enter__(self):
-        self.prev, _progress.fn = getattr(_progress, "fn", None), self.fn
+        self.prev, _PROGRESS[0] = _PROGRESS[0], self.fn
         return self
 
     def __exit__(self, *exc):
-        _progress.fn = self.prev
+        _PROGRESS[0] = self.prev
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
         tok, rec = _sample(model, params, head, hidden[:, 0], state, inputs, settings, ids, size_table, record, rec, B)
         state, out = emit(state, out, tok)
         if progress:
-            jax.debug.callback(_tick, step + 1)
+            jax.lax.cond((step + 1) % PROGRESS_EVERY == 0, lambda: jax.debug.callback(_tick, step + 1), lambda: None)
         return state, ulen, cache, out, rec, step + 1
 
     carry = (state, ulen, cache, out, rec, jnp.int32(1))

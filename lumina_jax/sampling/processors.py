@@ -196,12 +196,13 @@ def kth_largest_key(x: jax.Array, k: int) -> jax.Array:
     on CPU than `lax.top_k` (a full sort) for k in the thousands or a 65,536-wide row.
     """
     keys = _order_keys(x)
-    ans = jnp.zeros(x.shape[:-1] + (1,), jnp.uint32)
-    for bit in range(31, -1, -1):
-        cand = ans | jnp.uint32(1 << bit)
+
+    def fix_bit(i, ans):
+        cand = ans | jax.lax.shift_left(jnp.uint32(1), (31 - i).astype(jnp.uint32))
         ok = jnp.sum(keys >= cand, axis=-1, keepdims=True, dtype=jnp.int32) >= k
-        ans = jnp.where(ok, cand, ans)
-    return ans
+        return jnp.where(ok, cand, ans)
+
+    return jax.lax.fori_loop(0, 32, fix_bit, jnp.zeros(x.shape[:-1] + (1,), jnp.uint32))
 
 
 def _top_k_mask(x: jax.Array, k: int) -> jax.Array:
