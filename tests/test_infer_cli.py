@@ -128,11 +128,11 @@ def test_cli_omni_task_with_input_image(model_dir, photo, tmp_path, capsys):
     segs = split_generation(ids[1:], lm.ids)
     assert len(segs.images) == 1  # the input image, laid out as UniRep
     unirep_to_codes(segs.images[0], lm.special)
-    # multi-turn: a previous answer's <|image|> takes the next image; both turns end with the separator
+    # multi-turn: a previous answer's <|image|> takes the next image; every message ends with the separator
     turns = [("Draw a cat.", "<|image|>"), ("Now describe it.", None)]
     ids = lm.prompt_ids(turns, "chat", [photo])
     assert ids[0] == lm.special.bos and ids[-1] == lm.special.end_of_turn
-    assert ids.count(lm.special.end_of_turn) == 2 and ids.count(lm.special.image_start) == 1
+    assert ids.count(lm.special.end_of_turn) == 3 and ids.count(lm.special.image_start) == 1
     with pytest.raises(ValueError, match="placeholder"):
         lm.prompt_ids(turns, "chat", [])
 
