@@ -184,3 +184,20 @@ def test_assemble_errors(tmp_path):
     (tmp_path / "t").mkdir()
     with pytest.raises(ConversionError, match="missing text_tokenizer.json"):
         assemble(tmp_path / "m", tmp_path / "t", tmp_path / "o")
+
+
+def test_prompts_file_formats(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a fox\n\n  \na lake at dawn\n")
+    args = infer.build_parser().parse_args(["--checkpoint", "x", "--out", "o", "--prompts-file", str(txt),
+                                            "--image", "a.png"])
+    assert infer.read_prompts(args) == (["a fox", "a lake at dawn"], [["a.png"], ["a.png"]])
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "Depth estimation.", "images": ["x.png"]}\n{"prompt": "hi"}\n')
+    args = infer.build_parser().parse_args(["--checkpoint", "x", "--out", "o", "--prompts-file", str(jl)])
+    assert infer.read_prompts(args) == (["Depth estimation.", "hi"], [["x.png"], []])
+    jl.write_text('{"text": "no prompt key"}\n')
+    from lumina_jax.inference import InferenceError
+
+    with pytest.raises(InferenceError, match=r"p.jsonl:1: expected"):
+        infer.read_prompts(args)
