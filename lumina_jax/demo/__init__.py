@@ -1,0 +1,1 @@
+"""The shipped demo model's pieces: the synthetic captioned shapes set (`lumina_jax.demo.shapes`)."""
