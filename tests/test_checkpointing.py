@@ -3,7 +3,6 @@ a checkpoint written on fsdp=8 restores on data=2,tensor=4."""
 import shutil
 import signal
 
-import jax
 import numpy as np
 import pytest
 
@@ -22,9 +21,12 @@ def _cfg(out, *extra):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted in-process run of 11 steps on fsdp=8 (checkpoints kept: 10 and 11)."""
+    """An uninterrupted run of 11 steps on fsdp=8 (checkpoints kept: 10 and 11). A subprocess, so the
+    later train.py runs of the same program read its compilation from the shared cache."""
     out = tmp_path_factory.mktemp("ref")
-    trainer.train(_cfg(out, "checkpoint.save_interval_steps=5"), max_steps=11)
+    rc = run_train(["--config", TINY, f"output_dir={out}", *LONG, "checkpoint.save_interval_steps=5",
+                    "--max_steps", "11"], log_path=out.parent / "ref.log")
+    assert rc == 0, (out.parent / "ref.log").read_text()[-3000:]
     assert checkpoint_steps(out) == [10, 11]
     return {"dir": out, "losses": read_losses(out)}
 

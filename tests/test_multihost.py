@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from lumina_jax.data.records import write_dataset
-from lumina_jax.training import config as config_lib
-from lumina_jax.training import trainer
-from test_train_helpers import TINY, checkpoint_steps, popen_train, read_losses
+from test_train_helpers import TINY, checkpoint_steps, popen_train, read_losses, run_train
 
 SEQ = 32
 TIMEOUT = 300
@@ -68,9 +66,10 @@ def _run_two_processes(out, data_yaml, max_steps, logdir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_either(tmp_path, data_yaml):
-    # 1 process x 8 devices, 6 steps, uninterrupted (in this test process)
+    # 1 process x 8 devices, 6 steps, uninterrupted
     single = tmp_path / "single"
-    trainer.train(config_lib.load_config(TINY, _overrides(single, data_yaml)), max_steps=6)
+    assert run_train(["--config", TINY, *_overrides(single, data_yaml), "--max_steps", "6"],
+                     log_path=tmp_path / "single.log", timeout=TIMEOUT) == 0
     want = read_losses(single)
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
 
@@ -88,9 +87,11 @@ def test_two_processes_match_one_and_resume_on_either(tmp_path, data_yaml):
     # resume the 2-process checkpoint as 1 process (8 devices) ...
     as_one = tmp_path / "as_one"
     shutil.copytree(multi, as_one)
-    result = trainer.train(config_lib.load_config(TINY, _overrides(as_one, data_yaml)), max_steps=2)
-    assert [h["step"] for h in result["history"]] == [5, 6]
-    np.testing.assert_allclose([h["loss"] for h in result["history"]], [want[5], want[6]], rtol=1e-5)
+    assert run_train(["--config", TINY, *_overrides(as_one, data_yaml), "--max_steps", "2"],
+                     log_path=tmp_path / "as_one.log", timeout=TIMEOUT) == 0
+    got_one = read_losses(as_one)
+    assert sorted(got_one) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([got_one[5], got_one[6]], [want[5], want[6]], rtol=1e-5)
 
     # ... and as 2 processes again
     _run_two_processes(multi, data_yaml, 2, tmp_path)
