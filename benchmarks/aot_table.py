@@ -76,16 +76,18 @@ ROWS = (
     Row("7b-1024-v5p", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
         (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
     Row("34b-512-v5p", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "train", "34b",
-        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8), Candidate("v5p:2x2x2", "fsdp=-1", accum=8))),
+        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8), Candidate("v5p:2x2x2", "fsdp=-1", accum=8),
+         Candidate("v5p:2x2x2", TP4, accum=32), Candidate("v5p:2x2x4", "fsdp=-1", accum=8))),
     Row("7b-512-v5e", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "train", "7b",
-        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32),
+        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
          Candidate("v5e:4x4", TP4, accum=32))),
     Row("7b-1024-v5e", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
-        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32),
-         Candidate("v5e:4x4", TP4, accum=32))),
+        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
+         Candidate("v5e:4x4", TP4, accum=32), Candidate("v5e:4x8", TP4, accum=32))),
     Row("34b-512-v5e", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "train", "34b",
-        (Candidate("v5e:4x8", TP4, accum=32), Candidate("v5e:8x8", "fsdp=-1,tensor=4", accum=32),
-         Candidate("v5e:8x16", "fsdp=-1,tensor=4", accum=32))),
+        (Candidate("v5e:4x8", TP4, accum=32), Candidate("v5e:8x8", TP4, accum=32),
+         Candidate("v5e:8x8", "fsdp=-1,tensor=8", accum=64),
+         Candidate("v5e:8x16", TP4, accum=32))),
     Row("7b-gen-v5e", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
         (Candidate("v5e:2x2", "tensor=-1", remat="none", extra=GEN),)),
     Row("34b-gen-v5e", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
@@ -95,7 +97,7 @@ ROWS = (
     Row("34b-gen-v5p", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
         (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=GEN),)),
     Row("7b-768-v5e", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
-        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32),
+        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
          Candidate("v5e:4x4", TP4, accum=32))),
 )
 
@@ -232,7 +234,8 @@ def main(argv=None) -> int:
             if r["fits"]:
                 fit = r
                 break
-            why = r.get("reason") or f"needs {gib(r['total_bytes'])}" + ("+" if r.get("temp_bytes") is None else "")
+            need = r.get("compiler_need_bytes") if r.get("temp_bytes") is None else None
+            why = r.get("reason") or (f"needs {gib(need or r['total_bytes'])}" + ("+" if need else ""))
             smaller = f"{c.topology}: {why}"
         if fit is not None and smaller == "-" and row.mode == "train":
             smaller = "smallest slice of the generation"

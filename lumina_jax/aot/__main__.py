@@ -86,29 +86,13 @@ def run(args: argparse.Namespace):
     mesh = build_mesh(topo, devices, cfg.parallel.mesh)
     if args.mode == "train":
         program = lower_train(cfg, mesh)
-        inputs_tree = program.lowered.args_info
     else:
         spec = GenerateSpec()
         for item in gen_over:
             key, text = item.split("=", 1)
             spec = apply_override(spec, key.strip(), text.strip(), "generate." + key.strip())
         program = lower_generate(cfg.model, spec, mesh, cfg.parallel.rules)
-        inputs_tree = program.param_shapes
-    return compile_and_report(program, topo, mesh, _shape_tree(inputs_tree), mfu=args.mfu)
-
-
-def _shape_tree(tree):
-    """ArgInfo / ShapeDtypeStruct leaves -> ShapeDtypeStructs with shardings."""
-    import jax
-
-    def conv(x):
-        sh = getattr(x, "sharding", None) or getattr(x, "_sharding", None)
-        aval = getattr(x, "_aval", None)
-        shape = x.shape if hasattr(x, "shape") else aval.shape
-        dtype = x.dtype if hasattr(x, "dtype") else aval.dtype
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-
-    return jax.tree.map(conv, tree, is_leaf=lambda x: hasattr(x, "shape") or hasattr(x, "_aval"))
+    return compile_and_report(program, topo, mesh, mfu=args.mfu)
 
 
 def main(argv=None) -> int:

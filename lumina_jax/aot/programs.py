@@ -50,6 +50,7 @@ class Program:
     param_shardings: Any  # NamedShardings of the parameter tree
     param_shapes: Any  # ShapeDtypeStructs of the parameter tree
     decode: Optional[dict] = None  # generate mode: per-step figures for the decode-speed estimate
+    inputs: Any = None  # the abstract sharded inputs by name (for naming the largest buffers)
 
 
 def device_bytes(tree: Any) -> int:
@@ -118,7 +119,7 @@ def lower_train(cfg: Any, mesh: jax.sharding.Mesh) -> Program:
                   "grad accumulation": k, "remat": model_cfg.remat_policy, "rules": p.rules,
                   "dtypes": f"params {model_cfg.param_dtype}, compute {model_cfg.dtype}",
                   "loss chunk": cfg.loss.chunk_size},
-        param_shardings=psh, param_shapes=state["params"],
+        param_shardings=psh, param_shapes=state["params"], inputs={"state": state, "batch": batch},
     )
 
 
@@ -181,7 +182,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
         workload={"prompts": spec.batch_size, "rows (with guidance)": rows, "image": f"{spec.image_size}px",
                   "new tokens": max_new, "cache slots": S, "cfg": spec.cfg_scale, "rules": rules_name,
                   "dtypes": f"params {cfg.param_dtype}, compute {cfg.dtype}"},
-        param_shardings=psh, param_shapes=params,
+        param_shardings=psh, param_shapes=params, inputs={"params": params, "prompts": inputs},
         decode={"steps": max_new, "kv_cache_bytes": cache_bytes, "param_bytes": param_bytes,
                 "prefill_flops": 2.0 * n_mm * prefill_tokens},
     )

@@ -70,8 +70,8 @@ class Report:
         """Peak HBM per device: the compiled figure, or the compiler's stated need when it refused."""
         if self.temp_bytes is not None:
             return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
-        need = self.compiler_need_bytes or 0
-        return need + sum(self.inputs.values())
+        # the compiler's figure already counts the arguments and outputs (checked with a bare x * 2 program)
+        return self.compiler_need_bytes or sum(self.inputs.values())
 
     @property
     def headroom_bytes(self) -> int:
@@ -144,14 +144,14 @@ def _largest_inputs(tree: Any, keep: int) -> list[str]:
         except TypeError:
             continue
         nbytes = math.prod(shape) * itemsize
-        rows.append((nbytes, f"input {jax.tree_util.keystr(path)} {x.dtype}{list(x.shape)}, "
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        rows.append((nbytes, f"input {name} {x.dtype}{list(x.shape)}, "
                              f"{format_bytes(nbytes)} per device"))
     rows.sort(key=lambda r: -r[0])
     return [r[1] for r in rows[:keep]]
 
 
-def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh, inputs_tree: Any,
-                       mfu: float = 0.4) -> Report:
+def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh, mfu: float = 0.4) -> Report:
     """Compiles `program`; returns the report (check `.fits`). Compiler errors other than out-of-memory raise."""
     from lumina_jax import sharding
 
@@ -174,7 +174,7 @@ def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh
         rep.compile_seconds = time.perf_counter() - t0
         rep.compiler_message = text.strip()
         rep.compiler_need_bytes, rep.compiler_capacity_bytes = parse_oom(text)
-        rep.largest = _largest_buffers(rep, program, inputs_tree)
+        rep.largest = _largest_buffers(rep, program)
         return rep
     rep.compile_seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -188,19 +188,19 @@ def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh
     rep.xla_flops_per_device = float(cost.get("flops", 0.0)) if cost else None
     rep.fits = rep.total_bytes <= rep.hbm_bytes
     if not rep.fits:
-        rep.largest = _largest_buffers(rep, program, inputs_tree)
+        rep.largest = _largest_buffers(rep, program)
     rep.compiled = compiled
     return rep
 
 
-def _largest_buffers(rep: Report, program: Program, inputs_tree: Any, keep: int = 5) -> list[str]:
+def _largest_buffers(rep: Report, program: Program, keep: int = 5) -> list[str]:
     out = []
     m = re.search(r"Largest program allocations[^\n]*\n(.*)", rep.compiler_message, re.S)
     if m:
         out += [line.strip() for line in m.group(1).splitlines() if line.strip()][: 4 * keep]
     elif "Allocation (size=" in rep.compiler_message:
         out.append("compiler: " + rep.compiler_message.splitlines()[0][:400])
-    out += _largest_inputs(inputs_tree, keep)
+    out += _largest_inputs(program.inputs, keep)
     out += [f"intermediate {b.describe()} (global size; divided by its sharding per device)"
             for b in program.jaxpr_stats.largest[:keep]]
     return out
