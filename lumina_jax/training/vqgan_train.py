@@ -1,0 +1,453 @@
+"""Train a small VQGAN of Chameleon's layout on the synthetic shapes set (the demo model's image tokenizer).
+
+    python -m lumina_jax.training.vqgan_train --out ckpts/demo_vqgan            # defaults: the demo recipe
+    python -m lumina_jax.training.vqgan_train --out /tmp/vq --steps 200 --n-embed 256
+
+The model is `lumina_jax.models.vqgan.VQGAN` (ch_mult 1,1,2,2,4: 16x downsampling, mid attention) at a
+reduced width with a small codebook. Images are rendered on the fly from the training split of
+`lumina_jax.demo.shapes` (held-out colour-shape combinations are never seen), one image size per step,
+cycling through `--train-sizes`. The loss is
+
+    l1 * |x - x'| + l2 * (x - x')^2 + codebook * (sg(z) - e)^2 + beta * (z - sg(e))^2
+
+with the straight-through estimator from the quantized code e back to the encoder output z. Codebook usage
+is tracked as an exponential moving average of the code frequencies; every `--restart-every` steps (also at
+step 0, which initialises the codebook from data) codes used less than `--dead-fraction` of uniform are
+re-initialised from random encoder outputs of the batch. Restarts stop after `--restart-until` of training,
+so the decoder settles on the final codebook.
+
+Output: a VQGAN checkpoint directory (`params/` + `vqgan_config.json`, read by
+`lumina_jax.image_tokenizer.ImageTokenizer.from_checkpoint`) plus `train_report.json`: losses, codebook
+usage and perplexity, reconstruction error and the shapes analysis of reconstructed held-out images.
+
+Differences from the reference (taming-transformers VQModel training): no LPIPS perceptual loss and no
+patch discriminator (their weights would have to be downloaded; flat synthetic images do not need them);
+an L1 + L2 pixel loss instead; the non-legacy VQ loss (beta weights the commitment term, not the codebook
+term); dead-code restarts (taming has none); Adam with warm-up and cosine decay; batches are generated, not read.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+REPORT_FILE = "train_report.json"
+
+
+def _f(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANTrainConfig:
+    """Everything a run depends on; each field is also a command-line flag (--field-name)."""
+
+    # model (VQGANConfig fields; ch_mult is fixed to Chameleon's (1, 1, 2, 2, 4))
+    ch: int = _f(32, "base channels (multiple of 32, the GroupNorm group count); levels get ch * (1,1,2,2,4)")
+    num_res_blocks: int = _f(1, "ResnetBlocks per encoder level (decoder levels get one more); Chameleon uses 2")
+    z_channels: int = _f(64, "encoder output / decoder input channels")
+    embed_dim: int = _f(16, "code vector width")
+    n_embed: int = _f(512, "codebook size (number of codes)")
+    # data
+    train_sizes: str = _f("64x64,128x32,32x128,128x128",
+                          "WxH image sizes cycled step by step (each is compiled once), multiples of 16")
+    batch_pixels: int = _f(16384, "pixels per step: a step at size WxH takes max(1, batch_pixels // (W*H)) images "
+                                  "(rounded down to a multiple of num_devices), so every step costs about the same")
+    min_extent: float = _f(0.5, "smallest shape side / min(W, H) of the training images")
+    max_extent: float = _f(0.85, "largest shape side / min(W, H) of the training images")
+    position_jitter: float = _f(0.6, "shape offset from the centre as a fraction of the free room")
+    # optimisation
+    steps: int = _f(2000, "optimizer steps")
+    lr: float = _f(4e-4, "peak Adam learning rate")
+    warmup_steps: int = _f(100, "linear warm-up steps")
+    final_lr_fraction: float = _f(0.1, "cosine decay ends at this fraction of lr")
+    b1: float = _f(0.5, "Adam beta1 (taming's VQGAN uses 0.5)")
+    b2: float = _f(0.9, "Adam beta2 (taming's VQGAN uses 0.9)")
+    clip_grad_norm: float = _f(1.0, "global gradient-norm clipping; 0 disables")
+    l1_weight: float = _f(1.0, "weight of the mean absolute pixel error (pixels in [-1, 1])")
+    l2_weight: float = _f(1.0, "weight of the mean squared pixel error")
+    codebook_weight: float = _f(1.0, "weight of the codebook loss (sg(z) - e)^2")
+    beta: float = _f(0.25, "weight of the commitment loss (z - sg(e))^2")
+    # codebook usage
+    usage_decay: float = _f(0.99, "decay of the moving average of code frequencies, per step")
+    restart_every: int = _f(50, "steps between dead-code restarts (0 disables restarts)")
+    dead_fraction: float = _f(0.03, "a code is dead when its average frequency is below this fraction of 1/n_embed")
+    restart_until: float = _f(0.8, "no restarts after this fraction of the steps")
+    restart_noise: float = _f(0.01, "std of the noise added to encoder outputs copied into dead codes")
+    # run
+    seed: int = _f(0, "seed of parameters, images and restarts")
+    num_devices: int = _f(1, "devices the batch is split over (a 'data' mesh axis); 1 = no split")
+    log_every: int = _f(50, "steps between loss read-outs (progress bar postfix and the report's history)")
+    eval_target_sizes: str = _f("64,128", "UniRep target sizes whose crop lists the held-out evaluation uses")
+    eval_per_size: int = _f(8, "held-out images per evaluation size")
+
+    def __post_init__(self):
+        if self.ch % 32 or self.ch < 32:
+            raise ValueError(f"VQGANTrainConfig: ch={self.ch} must be a positive multiple of 32")
+        for name in ("num_res_blocks", "z_channels", "embed_dim", "n_embed", "batch_pixels", "steps", "num_devices",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VQGANTrainConfig: {name}={getattr(self, name)} must be >= 1")
+        self.sizes  # validates train_sizes
+        self.eval_sizes  # validates eval_target_sizes
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return parse_sizes(self.train_sizes)
+
+    @property
+    def eval_sizes(self) -> list[tuple[int, int]]:
+        from lumina_jax.unirep import crop_size_list
+
+        out = []
+        for t in self.eval_target_sizes.split(","):
+            try:
+                target = int(t)
+            except ValueError:
+                raise ValueError(f"VQGANTrainConfig: eval_target_sizes entry {t!r} is not an integer") from None
+            out += [s for s in crop_size_list(target) if s not in out]
+        return out
+
+    def batch_size(self, size: tuple[int, int]) -> int:
+        """Images per step at `size` (W, H)."""
+        b = max(1, self.batch_pixels // (size[0] * size[1]))
+        return max(self.num_devices, b - b % self.num_devices)
+
+    def vqgan_config(self):
+        from lumina_jax.models.vqgan import VQGANConfig
+
+        res = max(max(s) for s in self.sizes)
+        return VQGANConfig(embed_dim=self.embed_dim, n_embed=self.n_embed, z_channels=self.z_channels,
+                           resolution=res, ch=self.ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=self.num_res_blocks)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'64x64,128x32' -> [(64, 64), (128, 32)]; each side a positive multiple of 16."""
+    out = []
+    for part in text.split(","):
+        try:
+            w, h = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"train_sizes: {part!r} is not WxH") from None
+        if w < 16 or h < 16 or w % 16 or h % 16:
+            raise ValueError(f"train_sizes: {part!r} sides must be positive multiples of 16")
+        out.append((w, h))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+def training_batch(cfg: VQGANTrainConfig, step: int) -> np.ndarray:
+    """(B, H, W, 3) float32 in [-1, 1]: training-split shapes at size `sizes[step % len(sizes)]`, seeded by (seed, step).
+
+    B = `cfg.batch_size(size)`."""
+    from lumina_jax.demo import shapes
+    from lumina_jax.image_tokenizer import preprocess
+
+    size = cfg.sizes[step % len(cfg.sizes)]
+    rng = np.random.default_rng([cfg.seed, 3, step])
+    out = []
+    for _ in range(cfg.batch_size(size)):
+        spec = shapes.sample_spec(rng, [size], "train")
+        layout = shapes.sample_layout(*size, rng, cfg.min_extent, cfg.max_extent, cfg.position_jitter)
+        out.append(preprocess(shapes.render(spec, layout)))
+    return np.stack(out)
+
+
+def heldout_images(sizes: Sequence[tuple[int, int]], per_size: int, seed: int = 7) -> list[tuple[Any, Any]]:
+    """(spec, PIL image) pairs of held-out combinations, `per_size` at each size, default layouts of the set."""
+    from lumina_jax.demo import shapes
+
+    d = shapes.SetConfig()
+    out = []
+    for k, size in enumerate(sizes):
+        rng = np.random.default_rng([seed, k])
+        for _ in range(per_size):
+            spec = shapes.sample_spec(rng, [size], "held_out")
+            layout = shapes.sample_layout(*size, rng, d.min_extent, d.max_extent, d.position_jitter)
+            out.append((spec, shapes.render(spec, layout)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training step (pure functions)
+# ---------------------------------------------------------------------------------------------------------
+def make_optimizer(cfg: VQGANTrainConfig):
+    import optax
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
+                                               end_value=cfg.lr * cfg.final_lr_fraction)
+    parts = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm > 0 else []
+    return optax.chain(*parts, optax.adam(sched, b1=cfg.b1, b2=cfg.b2))
+
+
+def quantize(z, embedding):
+    """Nearest codes of z (..., D) and the straight-through vectors: (z_st, codes, codebook loss, commitment loss).
+
+    z_st equals embedding[codes] in the forward pass; its gradient flows unchanged to z. The codebook loss
+    mean((sg(z) - e)^2) trains the codes, the commitment loss mean((z - sg(e))^2) the encoder.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lumina_jax.models.vqgan import nearest_codes
+
+    sg = jax.lax.stop_gradient
+    codes = nearest_codes(z, sg(embedding))
+    e = jnp.take(embedding, codes, axis=0)
+    codebook = jnp.mean(jnp.square(sg(z) - e))
+    commit = jnp.mean(jnp.square(z - sg(e)))
+    return z + sg(e - z), codes, codebook, commit
+
+
+def vq_losses(model, params, images, cfg: VQGANTrainConfig):
+    """(loss, (metrics, codes, latents)) of one batch: pixel losses through the straight-through estimator."""
+    import jax.numpy as jnp
+
+    from lumina_jax.models.vqgan import VQGAN
+
+    z = model.apply({"params": params}, images, method=VQGAN.encode_latents)  # (B, h, w, D) float32
+    z_st, codes, codebook, commit = quantize(z, params["quantize"]["embedding"])
+    recon = model.apply({"params": params}, z_st, method=VQGAN.decode_latents)
+    l1 = jnp.mean(jnp.abs(recon - images))
+    l2 = jnp.mean(jnp.square(recon - images))
+    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.codebook_weight * codebook + cfg.beta * commit
+    metrics = {"loss": loss, "l1": l1, "l2": l2, "codebook": codebook, "commit": commit}
+    return loss, (metrics, codes, z)
+
+
+def restart_dead_codes(embedding, usage, latents, key, cfg: VQGANTrainConfig):
+    """Re-initialise codes whose usage is below dead_fraction / n_embed from random encoder outputs.
+
+    Returns (embedding, usage, number restarted); restarted codes get usage 1 / n_embed (a grace period).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = embedding.shape[0]
+    flat = latents.reshape(-1, latents.shape[-1])
+    k1, k2 = jax.random.split(key)
+    pick = jax.random.randint(k1, (n,), 0, flat.shape[0])
+    fresh = flat[pick] + cfg.restart_noise * jax.random.normal(k2, embedding.shape, embedding.dtype)
+    dead = usage < cfg.dead_fraction / n
+    embedding = jnp.where(dead[:, None], fresh, embedding)
+    usage = jnp.where(dead, 1.0 / n, usage)
+    return embedding, usage, jnp.sum(dead)
+
+
+@functools.lru_cache(maxsize=4)
+def make_train_step(cfg: VQGANTrainConfig, batch_sharding=None, replicated=None):
+    """jitted (state, images, step) -> (state, metrics); state = {params, opt_state, usage}, donated.
+
+    Cached per config, so repeated runs of the same config (tests, resumed sessions) compile once.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lumina_jax.models.vqgan import VQGAN
+
+    model, optimizer = VQGAN(cfg.vqgan_config()), make_optimizer(cfg)
+
+    restart_last = int(cfg.restart_until * cfg.steps)
+
+    def step_fn(state, images, step):
+        grad_fn = jax.value_and_grad(lambda p: vq_losses(model, p, images, cfg), has_aux=True)
+        (_, (metrics, codes, z)), grads = grad_fn(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        n = cfg.n_embed
+        freq = jnp.bincount(codes.reshape(-1), length=n).astype(jnp.float32) / codes.size
+        usage = cfg.usage_decay * state["usage"] + (1.0 - cfg.usage_decay) * freq
+        metrics["batch_codes_used"] = jnp.sum(freq > 0)
+        metrics["restarted"] = jnp.zeros((), jnp.int32)
+        if cfg.restart_every > 0:
+            do = (step % cfg.restart_every == 0) & (step <= restart_last)
+            key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+            seen = jnp.where(step == 0, 0.0, usage)  # step 0: every code starts from an encoder output
+            emb, new_usage, count = restart_dead_codes(params["quantize"]["embedding"], seen, jax.lax.stop_gradient(z),
+                                                       key, cfg)
+            params = {**params, "quantize": {"embedding": jnp.where(do, emb, params["quantize"]["embedding"])}}
+            usage = jnp.where(do, new_usage, usage)
+            metrics["restarted"] = jnp.where(do, count, 0).astype(jnp.int32)
+        metrics["codes_alive"] = jnp.sum(usage >= cfg.dead_fraction / n)
+        return {"params": params, "opt_state": opt_state, "usage": usage}, metrics
+
+    kw = {}
+    if batch_sharding is not None:
+        kw = dict(in_shardings=(replicated, batch_sharding, replicated), out_shardings=(replicated, replicated))
+    return jax.jit(step_fn, donate_argnums=(0,), **kw)
+
+
+def init_state(cfg: VQGANTrainConfig, optimizer):
+    import jax.numpy as jnp
+
+    from lumina_jax.models.vqgan import init_params
+
+    params = init_params(cfg.vqgan_config(), cfg.seed)
+    # zero usage: the restart at step 0 fills the whole codebook with encoder outputs (data-dependent init)
+    return {"params": params, "opt_state": optimizer.init(params), "usage": jnp.zeros((cfg.n_embed,), jnp.float32)}
+
+
+def _mesh_shardings(cfg: VQGANTrainConfig):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    if cfg.num_devices == 1:
+        return None, None
+    devices = jax.devices()
+    if len(devices) < cfg.num_devices:
+        raise ValueError(f"VQGANTrainConfig: num_devices={cfg.num_devices} but only {len(devices)} devices exist")
+    mesh = jax.make_mesh((cfg.num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices[:cfg.num_devices])
+    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
+def train(cfg: VQGANTrainConfig, progress: bool = True) -> tuple[dict, dict]:
+    """Runs the training; returns (params as numpy, report dict without the evaluation)."""
+    import jax
+    from tqdm import tqdm
+
+    batch_sharding, replicated = _mesh_shardings(cfg)
+    step_fn = make_train_step(cfg, batch_sharding, replicated)
+    state = init_state(cfg, make_optimizer(cfg))
+    if replicated is not None:
+        state = jax.device_put(state, replicated)
+    history, restarted, pending = [], 0, []
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="vqgan", unit="step", disable=not progress)
+    for step in bar:
+        images = training_batch(cfg, step)  # generated while the previous step runs (async dispatch)
+        if batch_sharding is not None:
+            images = jax.device_put(images, batch_sharding)
+        state, metrics = step_fn(state, images, np.int32(step))
+        pending.append(metrics["restarted"])
+        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            restarted += int(sum(int(r) for r in jax.device_get(pending)))
+            pending = []
+            history.append({"step": step + 1, "seconds": round(time.time() - t0, 1),
+                            **{k: round(v, 6) for k, v in m.items()}})
+            bar.set_postfix(loss=f"{m['loss']:.4f}", l1=f"{m['l1']:.4f}", alive=int(m["codes_alive"]))
+    bar.close()
+    params = jax.device_get(state["params"])
+    report = {"config": dataclasses.asdict(cfg), "vqgan_config": cfg.vqgan_config().to_dict(),
+              "train_seconds": round(time.time() - t0, 1), "codes_restarted": restarted, "history": history,
+              "codes_alive_at_end": int(jax.device_get(metrics["codes_alive"]))}
+    return params, report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------
+def evaluate(tokenizer, pairs: Sequence[tuple[Any, Any]], progress: bool = False) -> dict:
+    """Reconstruct each image through the tokenizer; report pixel error, codebook usage and analysis accuracy.
+
+    `pairs` are (ShapeSpec, PIL image). Images of the same size are encoded together.
+    """
+    from tqdm import tqdm
+
+    from lumina_jax.eval.shape_analysis import accuracy
+    from lumina_jax.image_tokenizer import preprocess, to_uint8
+
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, (spec, _) in enumerate(pairs):
+        by_size.setdefault(spec.size, []).append(i)
+    recon: list[Any] = [None] * len(pairs)
+    codes_all, abs_err, sq_err, npix = [], 0.0, 0.0, 0
+    from PIL import Image
+
+    for size, idx in tqdm(by_size.items(), desc="eval sizes", disable=not progress):
+        x = np.stack([preprocess(pairs[i][1]) for i in idx])
+        codes = np.asarray(tokenizer.encode(x))
+        out = to_uint8(np.asarray(tokenizer.decode(codes)))
+        codes_all.append(codes.reshape(-1))
+        ref = ((x + 1) * 127.5).round()
+        abs_err += float(np.abs(out.astype(np.float64) - ref).sum())
+        sq_err += float(np.square(out.astype(np.float64) - ref).sum())
+        npix += ref.size
+        for j, i in enumerate(idx):
+            recon[i] = Image.fromarray(out[j])
+    codes = np.concatenate(codes_all)
+    n = tokenizer.config.n_embed
+    freq = np.bincount(codes, minlength=n) / codes.size
+    nz = freq[freq > 0]
+    mse = sq_err / npix
+    return {
+        "images": len(pairs), "codes_used": int((freq > 0).sum()), "codebook_size": n,
+        "codebook_usage": float((freq > 0).mean()), "code_perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+        "mean_abs_error_uint8": abs_err / npix, "psnr_db": float(10 * math.log10(255.0 ** 2 / max(mse, 1e-12))),
+        "analysis_accuracy": accuracy([(spec, im) for (spec, _), im in zip(pairs, recon)]),
+        "analysis_accuracy_originals": accuracy(list(pairs)),
+    }
+
+
+def save_checkpoint(out: str, params: dict, cfg: VQGANTrainConfig, report: dict, overwrite: bool = False) -> None:
+    """Writes params/ + vqgan_config.json + train_report.json atomically."""
+    from lumina_jax import checkpoint
+    from lumina_jax.image_tokenizer import CONFIG_FILE
+
+    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+        checkpoint.save_params(tmp, params)
+        checkpoint.write_json(tmp, CONFIG_FILE, cfg.vqgan_config().to_dict())
+        checkpoint.write_json(tmp, REPORT_FILE, report)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lumina_jax.training.vqgan_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out reconstruction evaluation")
+    for f in dataclasses.fields(VQGANTrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default: {f.default})")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = VQGANTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VQGANTrainConfig)})
+        from lumina_jax import checkpoint
+
+        if not args.overwrite and __import__("os").path.exists(args.out):
+            raise checkpoint.CheckpointError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+    except (ValueError, RuntimeError) as e:
+        print(f"vqgan_train: {e}", file=sys.stderr)
+        return 2
+    params, report = train(cfg, progress=not args.quiet)
+    if not args.no_eval:
+        from lumina_jax.image_tokenizer import ImageTokenizer
+
+        tok = ImageTokenizer(cfg.vqgan_config(), params)
+        t0 = time.time()
+        report["heldout_eval"] = evaluate(tok, heldout_images(cfg.eval_sizes, cfg.eval_per_size), progress=not args.quiet)
+        report["heldout_eval"]["seconds"] = round(time.time() - t0, 1)
+    save_checkpoint(args.out, params, cfg, report, overwrite=args.overwrite)
+    last = report["history"][-1]
+    print(f"trained {cfg.steps} steps in {report['train_seconds']:.0f}s: loss {last['loss']:.4f}, "
+          f"l1 {last['l1']:.4f}, codes alive {report['codes_alive_at_end']}/{cfg.n_embed}")
+    if "heldout_eval" in report:
+        ev = report["heldout_eval"]
+        acc = ev["analysis_accuracy"]
+        print(f"held-out reconstructions ({ev['images']} images): PSNR {ev['psnr_db']:.1f} dB, "
+              f"codes used {ev['codes_used']}/{ev['codebook_size']} (perplexity {ev['code_perplexity']:.0f}), "
+              f"analysis: background {acc['background']:.1%}, colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
+              f"size {acc['size']:.1%}")
+    print(f"wrote {args.out} ({REPORT_FILE} has the figures)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
