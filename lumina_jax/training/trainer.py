@@ -131,7 +131,7 @@ class MetricsWriter:
     def step(self, step: int, metrics: dict, write_tb: bool) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self.jsonl.flush()
         if self.tb is not None and write_tb:
             for k, v in metrics.items():
