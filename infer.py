@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -21,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lumina_jax.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="assembled model directory (lumina.json, decoder/, vqgan/, tokenizer/)")
+    p.add_argument("--checkpoint", default=None,
+                   help="assembled model directory (lumina.json, decoder/, vqgan/, tokenizer/); default: the shipped "
+                        "demo model lumina_jax/demo_weights (shapes on coloured backgrounds, 128-px crop list)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", default=None,
                      help="a prompt (repeat for several; all run in one batch)")
@@ -90,18 +93,16 @@ def read_prompts(args) -> tuple[list[str], list[list[str]]]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lumina_jax.inference import InferenceError, Lumina, parse_size
+    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina, parse_size
 
     try:
         prompts, images = read_prompts(args)
         size = parse_size(args.size) if args.size else None
         for files in images:  # fail on a missing file before loading the model
             for f in files:
-                import os
-
                 if not os.path.isfile(f):
                     raise InferenceError(f"image file not found: {f}")
-        lm = Lumina.load(args.checkpoint, mesh=args.mesh, rules=args.rules, dtype=args.dtype,
+        lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT, mesh=args.mesh, rules=args.rules, dtype=args.dtype,
                          target_size=args.target_size)
         if size is not None:
             lm.size_to_patches(size)
