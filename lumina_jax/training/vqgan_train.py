@@ -63,8 +63,8 @@ class VQGANTrainConfig:
     max_extent: float = _f(0.85, "largest shape side / min(W, H) of the training images")
     position_jitter: float = _f(0.6, "shape offset from the centre as a fraction of the free room")
     # optimisation
-    steps: int = _f(2000, "optimizer steps")
-    lr: float = _f(4e-4, "peak Adam learning rate")
+    steps: int = _f(1000, "optimizer steps")
+    lr: float = _f(6e-4, "peak Adam learning rate")
     warmup_steps: int = _f(100, "linear warm-up steps")
     final_lr_fraction: float = _f(0.1, "cosine decay ends at this fraction of lr")
     b1: float = _f(0.5, "Adam beta1 (taming's VQGAN uses 0.5)")
@@ -85,7 +85,7 @@ class VQGANTrainConfig:
     num_devices: int = _f(1, "devices the batch is split over (a 'data' mesh axis); 1 = no split")
     log_every: int = _f(50, "steps between loss read-outs (progress bar postfix and the report's history)")
     eval_target_sizes: str = _f("64,128", "UniRep target sizes whose crop lists the held-out evaluation uses")
-    eval_per_size: int = _f(8, "held-out images per evaluation size")
+    eval_per_size: int = _f(6, "held-out images per evaluation size")
 
     def __post_init__(self):
         if self.ch % 32 or self.ch < 32:
