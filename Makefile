@@ -1,11 +1,12 @@
 # make test : create/reuse .venv, install pinned dependencies, run every test.
-# make demo : (arrives with the demo model) set up and run the main job on the shipped demo checkpoint.
+# make demo : create/reuse .venv, then generate a few PNGs with the shipped demo checkpoint (lumina_jax/demo_weights).
+# make demo-weights : run the whole demo recipe (python -m lumina_jax.demo.recipe) and ship its result.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test clean-venv
+.PHONY: venv test clean-venv demo demo-weights
 
 $(STAMP): setup.cfg requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,20 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+DEMO_OUT ?= demo_out
+DEMO_PROMPT ?= a red circle on a blue background
+demo: $(STAMP)
+	$(PY) infer.py --prompt "$(DEMO_PROMPT)" --size 128x128 --num-images 4 --seed 0 --cfg 3 --image-top-k 16 \
+		--max-new-tokens 128 --out $(DEMO_OUT)
+	@echo "demo images: $(abspath $(DEMO_OUT))/*.png"
+
+DEMO_RUN ?= runs/demo
+demo-weights: $(STAMP)
+	nice -n 10 $(PY) -m lumina_jax.demo.recipe --out $(DEMO_RUN) --seed 0
+	rm -rf lumina_jax/demo_weights
+	cp -r $(DEMO_RUN)/model lumina_jax/demo_weights
+	@echo "shipped $(DEMO_RUN)/model as lumina_jax/demo_weights ($$(du -sh lumina_jax/demo_weights | cut -f1))"
 
 clean-venv:
 	rm -rf $(VENV)

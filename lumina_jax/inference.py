@@ -28,6 +28,9 @@ from lumina_jax import checkpoint
 from lumina_jax.sampling import processors as P
 from lumina_jax.tasks import get_task
 
+# The shipped demo model (`python -m lumina_jax.demo.recipe`), used when no checkpoint is given.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo_weights"
+
 MANIFEST = "lumina.json"
 IMAGE_PLACEHOLDER = "<|image|>"
 

@@ -1,0 +1,132 @@
+"""Evaluate a shapes demo model: generate a fixed list of prompts at several guidance scales and score them.
+
+    python -m lumina_jax.eval.shapes                          # the shipped demo weights, guidance 1 and 3
+    python -m lumina_jax.eval.shapes --checkpoint runs/demo/model --guidance 1,3 --per-split 24 --out eval/
+
+The prompts are `lumina_jax.demo.shapes.eval_specs`: `--per-split` seen and `--per-split` held-out
+colour-shape combinations, their sizes cycling through the crop list of the model's target size. Every
+prompt is generated once per guidance scale with the same seeds (text-to-image template, size tokens
+forced to the requested size, as `infer.py --size` does), all prompts of one scale in one batch. Each
+image is measured by `lumina_jax.eval.shape_analysis` (border colour, dominant inner colour, fill ratio of
+the shape's bounding box, size) and the table of accuracies per attribute, split and scale is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--guidance {text!r}: expected comma-separated numbers, e.g. 1,3") from None
+    if not scales or any(s < 0 for s in scales):
+        raise ValueError(f"--guidance {text!r}: expected one or more scales >= 0")
+    return scales
+
+
+def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_top_k: int = 16,
+                   temperature: float = 1.0, max_new_tokens: int = 128, progress: bool = True) -> list:
+    """One PIL image per spec (or None where no image came out), all specs in one batch; row i uses seed + i.
+
+    Sizes differ per row, so rows are built here with their own forced size tokens (the per-row `forced_hw`
+    of the sampler) instead of one `Lumina.generate` call (and one compilation) per size.
+    """
+    from lumina_jax.sampling import processors as P
+
+    settings = P.SamplingSettings(cfg_scale=float(guidance), image_top_k=int(image_top_k), text_top_k=10,
+                                  temperature=float(temperature), top_p=1.0, max_new_tokens=int(max_new_tokens),
+                                  constrain_size=True)
+    prompts, forced, headers = [], [], []
+    for s in specs:
+        h, w = lm.size_to_patches(s.size)
+        header = [lm.ids.image_start, lm.ids.size_base + h, lm.ids.size_base + w]
+        prompts.append(lm.prompt_ids(s.caption, "t2i", [], s.size) + header)
+        forced.append((h, w))
+        headers.append(header)
+    rows = lm._run(prompts, [seed + i for i in range(len(specs))], forced, settings, progress)
+    results = []
+    for s, header, r in zip(specs, headers, rows):
+        r.tokens = header + r.tokens
+        results.append(lm._result(s.caption, "t2i", 0, r, settings, s.size))
+    lm._decode_all(results)
+    return [next((im for im in r.images if not isinstance(im, str)), None) for r in results]
+
+
+def evaluate(lm, scales: Sequence[float], per_split: int = 24, seed: int = 0, spec_seed: int = 1234,
+             image_top_k: int = 16, temperature: float = 1.0, out_dir: str | None = None,
+             progress: bool = True) -> list[dict]:
+    """Generates and scores; returns the rows of `shape_analysis.accuracy_table` (and saves PNGs to out_dir)."""
+    from PIL import Image
+
+    from lumina_jax.demo.shapes import eval_specs
+    from lumina_jax.eval.shape_analysis import accuracy_table
+
+    specs = eval_specs(lm.target_size, per_split=per_split, seed=spec_seed)
+    results = {}
+    for g in scales:
+        images = generate_specs(lm, specs, g, seed=seed, image_top_k=image_top_k, temperature=temperature,
+                                progress=progress)
+        # a missing image scores as a blank 1x1 picture: wrong on every attribute
+        pairs = [(s, im if im is not None else Image.new("RGB", (1, 1))) for s, im in zip(specs, images)]
+        results[g] = pairs
+        if out_dir:
+            d = Path(out_dir) / f"guidance{g:g}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i, (s, im) in enumerate(pairs):
+                im.save(d / f"{i:03d}_{s.colour}_{s.shape}_on_{s.background}_{s.width}x{s.height}.png")
+    return accuracy_table(results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lumina_jax.eval.shapes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="assembled model directory (default: the shipped demo weights, lumina_jax/demo_weights)")
+    p.add_argument("--guidance", default="1,3", help="comma-separated guidance (cfg) scales to evaluate")
+    p.add_argument("--per-split", type=int, default=24,
+                   help="prompts of seen and of held-out colour-shape combinations (each)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt i: seed + i)")
+    p.add_argument("--spec-seed", type=int, default=1234, help="seed that picks the evaluation prompts")
+    p.add_argument("--image-top-k", type=int, default=16, help="top-k over image codes")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--out", default=None, help="also save every generated image under OUT/guidance<g>/")
+    p.add_argument("--json", default=None, help="also write the table rows to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from lumina_jax.eval.shape_analysis import format_table
+    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina
+
+    try:
+        scales = parse_scales(args.guidance)
+        if args.per_split < 1:
+            raise ValueError(f"--per-split {args.per_split}: must be >= 1")
+        lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
+    except (ValueError, InferenceError) as e:
+        print(f"lumina_jax.eval.shapes: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows = evaluate(lm, scales, args.per_split, args.seed, args.spec_seed, args.image_top_k, args.temperature,
+                    args.out, progress=not args.quiet)
+    print(f"checkpoint {lm.directory}, target size {lm.target_size}, image top-k {args.image_top_k}, "
+          f"temperature {args.temperature:g}, {time.perf_counter() - t0:.0f} s")
+    print(format_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
