@@ -55,6 +55,7 @@ class ParallelConfig:
     coordinator_address: str = ""  # multi-host: "host:port" of process 0 ("" = single process or env/cluster auto)
     num_processes: int = 0  # multi-host: number of processes (0 = from env / single process)
     process_id: int = -1  # multi-host: index of this process (-1 = from env)
+    auto_distributed: bool = False  # call jax.distributed.initialize() with cluster auto-detection (SLURM, k8s, TPU)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,7 @@ def maybe_initialize_distributed(cfg: TrainConfig) -> None:
     """jax.distributed.initialize from the config flags or the JAX_* environment (before other JAX calls)."""
     p = cfg.parallel
     env = os.environ
-    if p.coordinator_address or p.num_processes > 1 or env.get("JAX_COORDINATOR_ADDRESS"):
+    if p.coordinator_address or p.num_processes > 1 or p.auto_distributed or env.get("JAX_COORDINATOR_ADDRESS"):
         sharding.initialize_distributed(p.coordinator_address or None, p.num_processes or None,
                                         None if p.process_id < 0 else p.process_id)
 
