@@ -12,7 +12,9 @@ Our sampler: prefill + one jitted `lax.while_loop`, cond and uncond rows in one 
 output projection and top-k inside images.
 
 Both prompts end with the image header [<racm3:break>, h, w], so both sample exactly the 273 body tokens plus
-one text token. Compilation is excluded (one warm-up run first). Prints tokens/s, images/s and the ratio.
+one text token. Compilation is excluded (one warm-up run first). Prints tokens/s, images/s and the ratio of
+wall-clock rates, plus the ratio of CPU seconds per token (all threads), which is steadier on a shared
+machine (torch's thread count is chosen by a probe; XLA uses its own pool). The load average is printed too.
 
     python benchmarks/generate.py                     # small and medium shapes (~3-4 minutes on 2 cores)
     python benchmarks/generate.py --shapes small --batch 4
@@ -147,7 +149,7 @@ def run_baseline(model, prompt, max_new, args):
     procs = ReferenceProcessors(model, args.cfg, args.image_top_k, args.text_top_k)
     ids = list(prompt)
     cache = DynamicCache()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         out = model.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
         for i in range(max_new):
@@ -160,7 +162,7 @@ def run_baseline(model, prompt, max_new, args):
             n = len(ids) - 1
             out = model.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
                               position_ids=torch.tensor([[n]]), cache_position=torch.tensor([n]))
-    return ids[len(prompt):], time.perf_counter() - t0
+    return ids[len(prompt):], time.perf_counter() - t0, time.process_time() - c0
 
 
 # ---- ours ----------------------------------------------------------------------------------------------------
@@ -187,10 +189,10 @@ def run_ours(cfg, params, prompts, max_new, args):
 
     s = P.SamplingSettings(cfg_scale=args.cfg, image_top_k=args.image_top_k, text_top_k=args.text_top_k,
                            max_new_tokens=max_new, constrain_size=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = generate_tokens(ChameleonDecodeModel(cfg), params, prompts, seeds=list(range(len(prompts))),
                            settings=s, ids=P.TokenIds())
-    return rows, time.perf_counter() - t0
+    return rows, time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv=None):
@@ -204,7 +206,8 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     prompt = [0] + rng.integers(9000, 60000, args.prompt_len).tolist() + [EOT, IMAGE_START, SIZE_BASE + side,
                                                                           SIZE_BASE + side]
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}; {args.size}x{args.size} image = {body} body tokens, "
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}; {args.size}x{args.size} image = {body} body tokens, "
           f"cfg {args.cfg}, image top-k {args.image_top_k}, vocabulary {VOCAB}")
     results = []
     for shape in args.shapes.split(","):
@@ -212,7 +215,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             cfg, params = load_ours(model, tmp)
         run_ours(cfg, params, [prompt], max_new, args)  # compile
-        rows, t_ours = run_ours(cfg, params, [prompt], max_new, args)
+        rows, t_ours, c_ours = run_ours(cfg, params, [prompt], max_new, args)
         n_ours = len(rows[0].tokens)
         assert rows[0].tokens[body - 1] == IMAGE_END, "our sampler did not close the image where expected"
         base_new = args.baseline_tokens or max_new
@@ -223,14 +226,15 @@ def main(argv=None):
             run_baseline(model, prompt, 3, args)
             probe[n] = run_baseline(model, prompt, 16, args)[1]
         torch.set_num_threads(min(probe, key=probe.get))
-        toks, t_base = run_baseline(model, prompt, base_new, args)
+        toks, t_base, c_base = run_baseline(model, prompt, base_new, args)
         assert len(toks) < body or toks[body - 1] == IMAGE_END, "baseline did not close the image where expected"
         ours_tps, base_tps = n_ours / t_ours, len(toks) / t_base
         line = (f"{shape:6s} ours {ours_tps:8.1f} tok/s {1 / t_ours:6.3f} img/s | baseline {base_tps:7.1f} tok/s "
-                f"{base_tps / max_new:6.3f} img/s ({len(toks)} tokens timed, {torch.get_num_threads()} threads) | ratio {ours_tps / base_tps:5.2f}x")
+                f"{base_tps / max_new:6.3f} img/s ({len(toks)} tokens timed, {torch.get_num_threads()} threads) | ratio "
+                f"{ours_tps / base_tps:5.2f}x | CPU-time ratio {(c_base / len(toks)) / (c_ours / n_ours):5.2f}x")
         if args.batch > 1:
-            jrows, t_b = run_ours(cfg, params, [prompt] * args.batch, max_new, args)  # compile
-            jrows, t_b = run_ours(cfg, params, [prompt] * args.batch, max_new, args)
+            run_ours(cfg, params, [prompt] * args.batch, max_new, args)  # compile
+            jrows, t_b, _ = run_ours(cfg, params, [prompt] * args.batch, max_new, args)
             ntok = sum(len(r.tokens) for r in jrows)
             line += f" | ours batch {args.batch}: {ntok / t_b:8.1f} tok/s {args.batch / t_b:6.3f} img/s"
         print(line, flush=True)
