@@ -84,11 +84,11 @@ def test_two_processes_match_one_and_resume_on_either(tmp_path, data_yaml):
     states = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
     assert states[0] == states[1] == {"next_index": 4}
 
-    # resume the 2-process checkpoint as 1 process (8 devices) ...
+    # resume the 2-process checkpoint as 1 process with 4 devices (fewer hosts and devices) ...
     as_one = tmp_path / "as_one"
     shutil.copytree(multi, as_one)
-    assert run_train(["--config", TINY, *_overrides(as_one, data_yaml), "--max_steps", "2"],
-                     log_path=tmp_path / "as_one.log", timeout=TIMEOUT) == 0
+    assert run_train(["--config", TINY, *_overrides(as_one, data_yaml), "parallel.mesh=fsdp=4", "--max_steps", "2"],
+                     devices=4, log_path=tmp_path / "as_one.log", timeout=TIMEOUT) == 0
     got_one = read_losses(as_one)
     assert sorted(got_one) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([got_one[5], got_one[6]], [want[5], want[6]], rtol=1e-5)

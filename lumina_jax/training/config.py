@@ -66,6 +66,7 @@ class CheckpointConfig:
     init_from: str = ""  # converted decoder checkpoint dir (params/ + config.json) to start from ("" = random init)
     zero_image_lm_head: bool = False  # reference starting point: zero lm_head columns of the image tokens at init
     resume: bool = True  # continue from the newest checkpoint in train.output_dir when there is one
+    preemption_check_steps: int = 10  # multi-process: steps between the (collective) checks of the SIGTERM flag
 
 
 @dataclasses.dataclass(frozen=True)
