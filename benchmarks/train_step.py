@@ -41,7 +41,6 @@ def make_batch(args):
 
 def bench_ours(args, tokens) -> float:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from lumina_jax import sharding

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from lumina_jax import checkpoint as ckpt_io

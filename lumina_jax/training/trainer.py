@@ -14,10 +14,9 @@ import logging
 import math
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
