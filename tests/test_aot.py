@@ -55,6 +55,15 @@ def test_multislice_mesh_puts_data_across_slices():
     assert (slices[0] == 0).all() and (slices[1] == 1).all()  # each data index is one slice; fsdp stays inside
 
 
+def test_train_step_compiles_on_two_slices(train_report):
+    """--slices 2: the data axis spans the slices; parameters stay sharded inside each slice as on one."""
+    r = _run("--topology", "v5e:2x2", "--slices", "2", "--config", TINY, "--mode", "train", "parallel.mesh=fsdp=-1",
+             "parallel.grad_accum_steps=2", "--per-device-batch", "2")
+    assert r.fits and r.mesh == {"data": 2, "fsdp": 4, "tensor": 1} and r.topology.num_chips == 8
+    assert r.inputs["parameters"] == train_report.inputs["parameters"]
+    assert r.inputs["batch"] == train_report.inputs["batch"]  # 2 sequences per chip in both (16 over 8 chips)
+
+
 def test_train_step_compiles_with_memory_report(train_report):
     r = train_report
     assert r.fits and r.temp_bytes is not None and r.headroom_bytes > 15 * GiB
