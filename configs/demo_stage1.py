@@ -19,13 +19,13 @@ DEMO_MODEL = ChameleonConfig(
 def get_config():
     return TrainConfig(
         name="demo_stage1",
-        total_steps=250,
+        total_steps=500,
         seed=0,
         model=DEMO_MODEL,
         optimizer=OptimizerConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.01, clip_grad_norm=1.0),
         loss=LossConfig(chunk_size=256),
         data=DataConfig(seq_len=256, global_batch_size=8, packing=True),  # ~40 items of ~50 tokens per step
         parallel=ParallelConfig(mesh="fsdp=-1"),
-        checkpoint=CheckpointConfig(save_interval_steps=125, max_to_keep=1),
+        checkpoint=CheckpointConfig(save_interval_steps=250, max_to_keep=1),
         log=LogConfig(every_steps=25),
     )

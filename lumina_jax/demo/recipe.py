@@ -56,7 +56,7 @@ class RecipePreset:
 
 PRESETS = {
     # The shipped model: ~40 min on 2 idle CPU cores (see docs/demo_recipe.md for measured times).
-    "full": RecipePreset(items_stage1=2000, items_stage2=1500, vqgan_flags=("--steps", "600", "--eval-target-sizes", "128", "--eval-per-size", "4"),
+    "full": RecipePreset(items_stage1=2000, items_stage2=1500, vqgan_flags=("--steps", "1000", "--batch-pixels", "16384", "--n-embed", "512", "--ch", "32"),
                          text_vocab_size=512,
                          stage1_overrides=(), stage2_overrides=()),
     # A smoke run of every stage (tests/test_demo_recipe.py): tiny and meaningless weights.
@@ -100,12 +100,20 @@ def _run(args: list[str], log: Path) -> None:
     with open(log, "a", encoding="utf-8") as f:
         f.write("$ " + " ".join(args) + "\n")
         f.flush()
-        proc = subprocess.run(args, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(args, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT, env=_child_env())
     if proc.returncode:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise RecipeError(f"command failed with status {proc.returncode}: {' '.join(args)}\n  "
                           + "\n  ".join(tail) + f"\n(full log: {log})")
+
+
+def _child_env() -> dict:
+    """The environment of the stages: unbuffered output, and the machine's real devices (a forced host
+    device count, as the test suite sets, would change the decoder's mesh and batch split)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
 
 
 def trim_image_only(src: Path, dst: Path, data_json: Path, image_start: int) -> dict:
@@ -131,6 +139,25 @@ def trim_image_only(src: Path, dst: Path, data_json: Path, image_start: int) -> 
         items.append((tokens, labels))
     write_dataset(str(dst), items, description=f"{src.name} with image-only items cut to the image start")
     return {"items": len(items), "image_only": cut}
+
+
+def check_vqgan_run(directory: Path, seed: int, flags: tuple[str, ...]) -> None:
+    """Warns unless `directory`'s train_report.json shows the training settings this recipe would use (the
+    evaluation settings aside), i.e. unless reusing it equals running the VQGAN stage."""
+    from lumina_jax.training import vqgan_train
+
+    report = directory / vqgan_train.REPORT_FILE
+    if not report.is_file():
+        print(f"[recipe] warning: {report} missing; cannot check that {directory} is this recipe's VQGAN", flush=True)
+        return
+    ns = vqgan_train.build_parser().parse_args(["--out", "x", "--seed", str(seed), *flags])
+    want = {k: v for k, v in vars(ns).items() if k in json.loads(report.read_text())["config"]}
+    got = json.loads(report.read_text())["config"]
+    diff = {k: (got[k], v) for k, v in want.items() if not k.startswith("eval_") and got[k] != v}
+    if diff:
+        print(f"[recipe] warning: {directory} was trained with other settings (theirs, ours): {diff}", flush=True)
+    else:
+        print(f"[recipe] {directory}: same training settings as this recipe's VQGAN stage", flush=True)
 
 
 def assemble(out: Path, decoder_dir: Path, vqgan_dir: Path, tokenizer_model: Path, target_size: int) -> None:
@@ -182,6 +209,7 @@ def run_recipe(out: Path, seed: int = 0, preset: str = "full", vqgan: str | None
 
     def train_vqgan():
         if vqgan:
+            check_vqgan_run(Path(vqgan), seed, p.vqgan_flags)
             shutil.rmtree(out / "vqgan", ignore_errors=True)
             shutil.copytree(vqgan, out / "vqgan")
         else:
