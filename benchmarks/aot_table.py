@@ -92,10 +92,6 @@ ROWS = (
         (Candidate("v5e:2x2", "tensor=-1", remat="none", extra=GEN),)),
     Row("34b-gen-v5e", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
         (Candidate("v5e:2x4", "tensor=-1", remat="none", extra=GEN),)),
-    Row("7b-gen-v5p", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
-        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=GEN),)),
-    Row("34b-gen-v5p", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
-        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=GEN),)),
     Row("7b-768-v5e", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
         (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
          Candidate("v5e:4x4", TP4, accum=32))),
@@ -129,10 +125,11 @@ def program_key(row: Row, c: Candidate) -> str:
 
     cmd = command(row, c, "")
     overrides = [a for a in cmd if "=" in a and not a.startswith("generate.")]
-    cfg = load_config(os.path.join(ROOT, row.config), overrides).to_dict()
-    for k in ("name", "output_dir", "checkpoint", "log"):
-        cfg.pop(k, None)
-    blob = json.dumps([cfg, row.mode, c.topology, list(c.extra), PER_DEVICE_BATCH], sort_keys=True)
+    cfg = load_config(os.path.join(ROOT, row.config), overrides)
+    p = cfg.parallel
+    program = [dataclasses.asdict(cfg.model), cfg.data.seq_len, dataclasses.asdict(cfg.loss),
+               dataclasses.asdict(cfg.optimizer), p.mesh, p.rules, p.grad_accum_steps]
+    blob = json.dumps([program, row.mode, c.topology, list(c.extra), PER_DEVICE_BATCH], sort_keys=True)
     digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
     return f"{row.mode}_{row.model}_{c.topology.replace(':', '-')}_{digest}"
 
@@ -150,6 +147,7 @@ def evaluate(row: Row, c: Candidate, cache_dir: str, fresh: bool, log) -> dict:
 
 
 _done: set = set()
+CACHED_ONLY = False  # set by --cached-only
 
 
 def _evaluate(row: Row, c: Candidate, name: str, cache_dir: str, fresh: bool, log) -> dict:
@@ -159,6 +157,8 @@ def _evaluate(row: Row, c: Candidate, name: str, cache_dir: str, fresh: bool, lo
         with open(path) as f:
             return json.load(f)
     bound = state_bound(row, c)
+    if CACHED_ONLY and not bound:
+        return {"fits": False, "pending": True}
     if bound:
         result = {"fits": False, "reason": bound, "topology": c.topology}
     else:
@@ -209,16 +209,39 @@ def table(results: list) -> str:
     return "\n".join(out)
 
 
+def adopt_cached(cache_dir: str) -> None:
+    """Files cached under another key (e.g. before a config gained an unrelated field) are renamed to the
+    current key of the candidate whose command they record."""
+    wanted = {}
+    for row in ROWS:
+        for c in row.candidates:
+            cmd = "python " + " ".join(command(row, c, "r.json")[1:]).replace(" --json r.json", "")
+            wanted.setdefault(cmd, program_key(row, c))
+    for fname in os.listdir(cache_dir):
+        if not fname.endswith(".json"):
+            continue
+        with open(os.path.join(cache_dir, fname)) as f:
+            cmd = json.load(f).get("command")
+        key = wanted.get(cmd)
+        if key and fname != key + ".json" and not os.path.exists(os.path.join(cache_dir, key + ".json")):
+            os.rename(os.path.join(cache_dir, fname), os.path.join(cache_dir, key + ".json"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=None, help="row keys to run (prefix match), e.g. 7b-512 34b-gen")
     p.add_argument("--cache-dir", default="/tmp/lumina_aot_results",
                    help="where each compile's JSON report is kept, so a rerun only compiles what is missing")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and compile again")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compile nothing: build the table from cached results (candidates not compiled yet are marked)")
     p.add_argument("--jobs", type=int, default=3, help="rows compiled at the same time (each compile is one process)")
     p.add_argument("--write", default="", help="markdown file whose table between the aot-table markers is replaced")
     args = p.parse_args(argv)
+    global CACHED_ONLY
+    CACHED_ONLY = args.cached_only
     os.makedirs(args.cache_dir, exist_ok=True)
+    adopt_cached(args.cache_dir)
     rows = [r for r in ROWS if args.only is None or any(r.key.startswith(o) for o in args.only)]
     bar = tqdm(total=len(rows), desc="rows", unit="row")
 
@@ -233,6 +256,9 @@ def main(argv=None) -> int:
                 break
             if r["fits"]:
                 fit = r
+                break
+            if r.get("pending"):
+                smaller = f"{c.topology}: not compiled yet" + (f"; before it {smaller}" if smaller != "-" else "")
                 break
             need = r.get("compiler_need_bytes") if r.get("temp_bytes") is None else None
             why = r.get("reason") or (f"needs {gib(need or r['total_bytes'])}" + ("+" if need else ""))
