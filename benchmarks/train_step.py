@@ -2,7 +2,7 @@
 
 Same model (hidden 256, 4 layers, 4 heads, MLP 688, vocabulary 65536), same batch (8 x 512 tokens, all
 supervised), fp32, AdamW (0.9, 0.95, wd 0.1) with global-norm clipping at 4, no dropout, no z-loss. Prints
-tokens/s of each and the ratio.
+tokens/s of each (median step time; the two alternate step by step so both see the same load) and the ratio.
 
     python benchmarks/train_step.py                 # about 2 minutes on a 2-core CPU
     python benchmarks/train_step.py --steps 5 --chunk_size 128
@@ -18,7 +18,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per implementation (after 1 warm-up step)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps per implementation, alternating ours/torch (after 1 warm-up step each)")
     p.add_argument("--chunk_size", type=int, default=64, help="our loss: sequence positions per output-layer chunk")
     p.add_argument("--no_fused", action="store_true", help="our loss: autodiff of a rematerialised chunk loop")
     p.add_argument("--skip_torch", action="store_true", help="time only our step")
@@ -39,7 +40,8 @@ def make_batch(args):
     return tokens
 
 
-def bench_ours(args, tokens) -> float:
+def build_ours(args, tokens):
+    """Our jitted step (compiled and run once); returns a closure running one more step."""
     import jax
     import numpy as np
 
@@ -64,17 +66,16 @@ def bench_ours(args, tokens) -> float:
         "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((B, T), np.float32),
         "segment_ids": np.ones((B, T), np.int32), "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
     })
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], m = step(holder["state"], batch)
+        return float(m["loss"])  # waits for the step
+
     t0 = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    print(f"ours : compile + first step {time.perf_counter() - t0:.1f}s, loss {float(m['loss']):.4f}", flush=True)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, m = step(state, batch)
-    jax.block_until_ready((state, m))
-    dt = (time.perf_counter() - t0) / args.steps
-    print(f"ours : {dt:.3f}s/step, loss {float(m['loss']):.4f}", flush=True)
-    return B * T / dt
+    loss = run_step()
+    print(f"ours : compile + first step {time.perf_counter() - t0:.1f}s, loss {loss:.4f}", flush=True)
+    return run_step
 
 
 def vocabulary_map(start: int = 4, end: int = 8196) -> dict:
@@ -86,7 +87,8 @@ def vocabulary_map(start: int = 4, end: int = 8196) -> dict:
     return names
 
 
-def bench_torch(args, tokens) -> float:
+def build_torch(args, tokens):
+    """transformers Chameleon + AdamW (run once); returns a closure running one more step."""
     import torch
     import transformers
 
@@ -118,26 +120,39 @@ def bench_torch(args, tokens) -> float:
     loss = step()
     print(f"torch: first step {time.perf_counter() - t0:.1f}s, loss {loss:.4f} ({torch.get_num_threads()} threads)",
           flush=True)
+    return step
+
+
+def _timed(fn) -> float:
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    dt = (time.perf_counter() - t0) / args.steps
-    print(f"torch: {dt:.3f}s/step, loss {loss:.4f}", flush=True)
-    return args.batch * args.seq / dt
+    fn()
+    return time.perf_counter() - t0
 
 
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import numpy as np
+
     tokens = make_batch(args)
-    ours = bench_ours(args, tokens)
-    print(f"ours : {ours:.0f} tokens/s")
-    if args.skip_torch:
+    ours = build_ours(args, tokens)
+    theirs = None if args.skip_torch else build_torch(args, tokens)
+    # alternate the two so both see the same machine load; report the median step time of each
+    t_ours, t_torch = [], []
+    for i in range(args.steps):
+        t_ours.append(_timed(ours))
+        if theirs is not None:
+            t_torch.append(_timed(theirs))
+        print(f"step {i + 1}: ours {t_ours[-1]:.2f}s" + (f", torch {t_torch[-1]:.2f}s" if t_torch else ""), flush=True)
+    tokens_per_step = args.batch * args.seq
+    ours_tps = tokens_per_step / float(np.median(t_ours))
+    print(f"ours : {ours_tps:.0f} tokens/s")
+    if theirs is None:
         return
-    theirs = bench_torch(args, tokens)
-    print(f"torch: {theirs:.0f} tokens/s")
-    print(f"ratio ours/torch: {ours / theirs:.2f}x  (batch {args.batch} x {args.seq}, chunk {args.chunk_size}, "
-          f"{'fused' if not args.no_fused else 'autodiff'} loss)")
+    torch_tps = tokens_per_step / float(np.median(t_torch))
+    print(f"torch: {torch_tps:.0f} tokens/s")
+    print(f"ratio ours/torch: {ours_tps / torch_tps:.2f}x  (batch {args.batch} x {args.seq}, chunk {args.chunk_size}, "
+          f"{'fused' if not args.no_fused else 'autodiff'} loss, fp32)")
 
 
 if __name__ == "__main__":
