@@ -81,6 +81,9 @@ ROWS = (
     Row("7b-512-v5e", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "train", "7b",
         (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
          Candidate("v5e:4x4", TP4, accum=32))),
+    Row("7b-768-v5e", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
+        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
+         Candidate("v5e:4x4", TP4, accum=32))),
     Row("7b-1024-v5e", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
         (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
          Candidate("v5e:4x4", TP4, accum=32), Candidate("v5e:4x8", TP4, accum=32))),
@@ -92,9 +95,6 @@ ROWS = (
         (Candidate("v5e:2x2", "tensor=-1", remat="none", extra=GEN),)),
     Row("34b-gen-v5e", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
         (Candidate("v5e:2x4", "tensor=-1", remat="none", extra=GEN),)),
-    Row("7b-768-v5e", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
-        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
-         Candidate("v5e:4x4", TP4, accum=32))),
 )
 
 
