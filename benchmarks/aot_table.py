@@ -95,6 +95,10 @@ ROWS = (
         (Candidate("v5e:2x2", "tensor=-1", remat="none", extra=GEN),)),
     Row("34b-gen-v5e", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
         (Candidate("v5e:2x4", "tensor=-1", remat="none", extra=GEN),)),
+    Row("7b-gen-v5p", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
+        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=GEN),)),
+    Row("34b-gen-v5p", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
+        (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=GEN),)),
 )
 
 
