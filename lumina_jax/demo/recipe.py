@@ -56,7 +56,8 @@ class RecipePreset:
 
 PRESETS = {
     # The shipped model: ~40 min on 2 idle CPU cores (see docs/demo_recipe.md for measured times).
-    "full": RecipePreset(items_stage1=2000, items_stage2=1500, vqgan_flags=("--steps", "1000", "--batch-pixels", "16384", "--n-embed", "512", "--ch", "32"),
+    "full": RecipePreset(items_stage1=2000, items_stage2=1500, vqgan_flags=("--steps", "500", "--batch-pixels", "16384", "--n-embed", "512", "--ch", "32",
+                                      "--eval-target-sizes", "128", "--eval-per-size", "2"),
                          text_vocab_size=512,
                          stage1_overrides=(), stage2_overrides=()),
     # A smoke run of every stage (tests/test_demo_recipe.py): tiny and meaningless weights.
