@@ -1,0 +1,65 @@
+"""The shipped demo checkpoint (lumina_jax/demo_weights): loads, and draws what a prompt asks for."""
+import json
+
+import pytest
+
+from lumina_jax.demo.shapes import ShapeSpec
+from lumina_jax.eval.shape_analysis import analyse
+from lumina_jax.inference import DEFAULT_CHECKPOINT, Lumina
+
+MAX_BYTES = 25 * 2**20
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Lumina.load(DEFAULT_CHECKPOINT)
+
+
+def test_shipped_checkpoint_is_small_and_complete():
+    files = [p for p in DEFAULT_CHECKPOINT.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= MAX_BYTES
+    manifest = json.loads((DEFAULT_CHECKPOINT / "lumina.json").read_text())
+    for part in ("decoder", "vqgan", "tokenizer"):
+        assert (DEFAULT_CHECKPOINT / manifest[part]).exists(), part
+
+
+def _generate(demo, spec):
+    res = demo.generate([spec.caption], size=spec.size, cfg=3.0, image_top_k=16, seed=0, max_new_tokens=128,
+                        progress=False)
+    assert res[0].stopped == "end_of_turn" and len(res[0].images) == 1
+    return res[0].images[0]
+
+
+SPEC = ShapeSpec("square", "red", "blue", 128, 128)  # a seen combination
+
+
+def test_generates_requested_size(demo):
+    assert _generate(demo, SPEC).size == SPEC.size
+
+
+# The shipped weights are an interim result: the demo VQGAN does not yet reproduce colours (held-out
+# reconstructions get 23% of backgrounds right), so neither can the decoder; see docs/demo_recipe.md.
+# strict: once better weights are shipped this passes, and the marker must go.
+@pytest.mark.xfail(strict=True, reason="interim demo weights: the VQGAN does not reproduce colours yet")
+def test_generates_requested_background(demo):
+    assert analyse(_generate(demo, SPEC)).background == SPEC.background
+
+
+def test_infer_cli_uses_the_shipped_weights_by_default(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "infer.py"
+    mod_spec = importlib.util.spec_from_file_location("infer_cli", path)
+    infer = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(infer)
+    rc = infer.main(["--prompt", "a yellow circle on a black background", "--size", "160x96", "--cfg", "3",
+                     "--image-top-k", "16", "--max-new-tokens", "128", "--seed", "1", "--out", str(tmp_path),
+                     "--no-progress"])
+    assert rc == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 1
+    from PIL import Image
+
+    with Image.open(pngs[0]) as im:
+        assert im.size == (160, 96)
