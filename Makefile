@@ -18,8 +18,10 @@ $(STAMP): setup.cfg requirements/constraints.txt
 
 venv: $(STAMP)
 
+# Two pytest workers for most tests; the multi-process tests run afterwards on their own (exit 5 = none selected).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n 2 -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 DEMO_OUT ?= demo_out
 DEMO_PROMPT ?= a red circle on a blue background

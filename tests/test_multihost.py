@@ -65,6 +65,7 @@ def _run_two_processes(out, data_yaml, max_steps, logdir):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # several processes meet in collectives with 30 s deadlines: run alone, not beside another worker
 def test_two_processes_match_one_and_resume_on_either(tmp_path, data_yaml):
     # 1 process x 8 devices, 6 steps, uninterrupted
     single = tmp_path / "single"
