@@ -55,7 +55,7 @@ class RecipePreset:
 
 
 PRESETS = {
-    # The shipped model: ~40 min on 2 idle CPU cores (see docs/demo_recipe.md for measured times).
+    # The shipped model: 17 CPU-min, 24 min wall on 2 loaded cores (docs/demo_recipe.md has the stage times).
     "full": RecipePreset(items_stage1=2000, items_stage2=1500, vqgan_flags=("--steps", "500", "--batch-pixels", "16384", "--n-embed", "512", "--ch", "32",
                                       "--eval-target-sizes", "128", "--eval-per-size", "2"),
                          text_vocab_size=512,
