@@ -1,6 +1,6 @@
 """Train the Lumina-mGPT decoder (FP-SFT / Omni-SFT) from a config file plus key=value overrides.
 
-    python train.py --config configs/tiny_cpu.py output_dir=/tmp/run total_steps=200
+    python train.py --config configs/tiny_cpu.py output_dir=runs/example total_steps=200
     python train.py --config configs/fpsft_7b_512.py output_dir=gs://... data.config_path=data.yaml \
         checkpoint.init_from=ckpts/lumina_7b_512 parallel.mesh=fsdp=-1
 

@@ -21,6 +21,7 @@ import json
 import os
 import hashlib
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -234,7 +235,7 @@ def adopt_cached(cache_dir: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=None, help="row keys to run (prefix match), e.g. 7b-512 34b-gen")
-    p.add_argument("--cache-dir", default="/tmp/lumina_aot_results",
+    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "lumina_aot_results"),
                    help="where each compile's JSON report is kept, so a rerun only compiles what is missing")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and compile again")
     p.add_argument("--cached-only", action="store_true",

@@ -1,7 +1,7 @@
 """A tiny model on synthetic (or a small pre-tokenized) data that trains on a laptop CPU in a minute.
 
-    python train.py --config configs/tiny_cpu.py output_dir=/tmp/tiny
-    python train.py --config configs/tiny_cpu.py output_dir=/tmp/tiny data.config_path=data.yaml
+    python train.py --config configs/tiny_cpu.py output_dir=runs/tiny
+    python train.py --config configs/tiny_cpu.py output_dir=runs/tiny data.config_path=data.yaml
 """
 from lumina_jax.config import get_config as model_preset
 from lumina_jax.training.config import (CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimizerConfig,

@@ -1,7 +1,7 @@
 """Train a small VQGAN of Chameleon's layout on the synthetic shapes set (the demo model's image tokenizer).
 
     python -m lumina_jax.training.vqgan_train --out ckpts/demo_vqgan            # defaults: the demo recipe
-    python -m lumina_jax.training.vqgan_train --out /tmp/vq --steps 200 --n-embed 256
+    python -m lumina_jax.training.vqgan_train --out runs/vq --steps 200 --n-embed 256
 
 The model is `lumina_jax.models.vqgan.VQGAN` (ch_mult 1,1,2,2,4: 16x downsampling, mid attention) at a
 reduced width with a small codebook. Images are rendered on the fly from the training split of
