@@ -35,3 +35,12 @@ def test_atomic_directory_result_is_not_private(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(tmp_path / "c").st_mode) == 0o777 & ~umask
+
+
+def test_save_without_host_copy_restores_the_same(tmp_path):
+    params = {"a": {"kernel": np.arange(12, dtype=np.float32).reshape(3, 4)}, "b": np.ones(5, np.int32)}
+    with checkpoint.atomic_directory(tmp_path / "c") as d:
+        checkpoint.save_params(d, params, host_copy=False)
+    out = checkpoint.restore_params(tmp_path / "c")
+    np.testing.assert_array_equal(np.asarray(out["a"]["kernel"]), params["a"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(out["b"]), params["b"])

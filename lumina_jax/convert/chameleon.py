@@ -245,29 +245,6 @@ def _check_keys(files: sio.ModelFiles, plans: list[KeyPlan], source: Path) -> di
     return skipped
 
 
-def save_params_in_place(directory: Path, params: dict) -> None:
-    """`checkpoint.save_params` without Orbax's defensive copy of numpy leaves (one copy of the model, not two).
-
-    Same on-disk format (a PyTree checkpoint under `directory/params`, read by `checkpoint.restore_params`);
-    safe here because nothing mutates the arrays while the synchronous save runs.
-    """
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint._src.serialization import type_handler_registry as registry
-
-    handlers = [(ty, h) for ty, h in registry._DEFAULT_TYPE_HANDLERS if ty is not np.ndarray]
-    handlers.append((np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry(*handlers))
-    with ocp.Checkpointer(handler) as ckptr:
-        ckptr.save(Path(directory).absolute() / checkpoint.PARAMS_SUBDIR, args=ocp.args.PyTreeSave(params))
-
-
-def _publishable(tmp: Path) -> None:
-    """atomic_directory's temporary directory is private (0700, from mkdtemp); give the result the usual mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-
-
 def _read_hf_config(path: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
@@ -322,14 +299,13 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
     with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
         leaves = {path: np.empty(shape, leaf_dtype[path]) for path, shape in shapes.items()}
         total = sum(files.tensors[p.hf_key].nbytes for p in plans)
-        _publishable(tmp)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
                   file=sys.stderr) as bar:
             for p in plans:
                 dest = leaves[p.path] if p.layer is None else leaves[p.path][p.layer]
                 hf_to_param(files.read(p.hf_key), p.transform, cfg, dest)
                 bar.update(files.tensors[p.hf_key].nbytes)
-        save_params_in_place(tmp, unflatten(leaves))
+        checkpoint.save_params(tmp, unflatten(leaves), host_copy=False)
         del leaves
         checkpoint.write_json(tmp, "config.json", cfg.to_dict())
         shutil.copyfile(src / "config.json", tmp / "hf_config.json")
@@ -416,7 +392,6 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
                 hf[key] = torch_dtype
 
     with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
-        _publishable(tmp)
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
                   disable=not progress, file=sys.stderr) as bar:
             names = sio.write_model(tmp, specs, limit, metadata={"format": "pt"},
