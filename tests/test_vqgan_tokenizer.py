@@ -118,8 +118,31 @@ def test_config_errors_are_one_line(tmp_path, converted, capsys):
         rc = convert_main(["vqgan", "--ckpt", str(ckpt), "--config", str(cfg_path), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert rc == 1 and expected in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(ValueError, match="not a multiple of 32 GroupNorm groups"):
+    with pytest.raises(ValueError, match="not a multiple of norm_groups=32"):
         tiny_vqgan_config(ch=48)
+    with pytest.raises(ValueError, match="norm_groups=8 has no vqgan.yaml form"):
+        tiny_vqgan_config(ch=32).replace(norm_groups=8).to_yaml_dict()
+
+
+def test_group_norm_with_fewer_groups_matches_torch():
+    """The demo VQGAN uses 8 groups (norm_groups); checked against torch.nn.GroupNorm, fp32."""
+    import jax.numpy as jnp
+    import torch
+
+    from lumina_jax.models.vqgan import GroupNorm
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(2, 5, 7, 32)) * 3 + rng.normal(size=(32,))).astype(np.float32)
+    scale, bias = rng.normal(size=32).astype(np.float32), rng.normal(size=32).astype(np.float32)
+    for groups in (8, 32):
+        ours = GroupNorm(groups=groups).apply({"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}},
+                                              jnp.asarray(x))
+        gn = torch.nn.GroupNorm(groups, 32, eps=1e-6)
+        with torch.no_grad():
+            gn.weight.copy_(torch.from_numpy(scale))
+            gn.bias.copy_(torch.from_numpy(bias))
+            ref = gn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_export_round_trip(converted, tmp_path):

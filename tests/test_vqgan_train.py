@@ -39,6 +39,29 @@ def test_quantize_straight_through_and_losses():
     np.testing.assert_allclose(g_commit, 2 * (np.asarray(z) - e) / z.size, atol=1e-6)
 
 
+def test_ema_codebook_averages_assigned_encoder_outputs():
+    rng = np.random.default_rng(2)
+    n, d, decay = 6, 3, 0.9
+    emb = rng.normal(size=(n, d)).astype(np.float32)
+    count = np.array([0.5, 0.0, 1.0, 0.2, 0.0, 0.3], np.float32)
+    total = (emb * count[:, None]).astype(np.float32)
+    latents = rng.normal(size=(2, 2, 3, d)).astype(np.float32)
+    codes = np.array([[[0, 0, 2], [3, 0, 2]], [[5, 5, 0], [2, 3, 0]]], np.int32)  # code 1 and 4: never chosen
+    new_count, new_sum, new_emb = (np.asarray(a) for a in vt.ema_codebook(
+        jnp.asarray(count), jnp.asarray(total), jnp.asarray(emb), jnp.asarray(codes), jnp.asarray(latents), decay))
+    flat, idx = latents.reshape(-1, d), codes.reshape(-1)
+    for i in range(n):
+        chosen = flat[idx == i]
+        exp_count = decay * count[i] + (1 - decay) * len(chosen)
+        exp_sum = decay * total[i] + (1 - decay) * chosen.sum(0)
+        assert new_count[i] == pytest.approx(exp_count, rel=1e-6)
+        np.testing.assert_allclose(new_sum[i], exp_sum, rtol=1e-5, atol=1e-6)
+        expect = emb[i] if exp_count == 0 else exp_sum / exp_count
+        np.testing.assert_allclose(new_emb[i], expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new_emb[[1, 4]], emb[[1, 4]])  # unused codes keep their vectors
+    assert np.abs(new_emb[3] - emb[3]).max() > 0.1  # a used code moves towards its encoder outputs
+
+
 def test_restart_dead_codes_replaces_only_dead_rows_with_encoder_outputs():
     rng = np.random.default_rng(1)
     n = 8
@@ -138,8 +161,10 @@ def test_cli_help_and_bad_values(capsys):
     text = capsys.readouterr().out
     for f in dataclasses.fields(vt.VQGANTrainConfig):
         assert "--" + f.name.replace("_", "-") in text
-    assert vt.main(["--out", "/nonexistent/x", "--ch", "48"]) == 2
+    assert vt.main(["--out", "/nonexistent/x", "--ch", "36"]) == 2  # not a multiple of the 8 GroupNorm groups
     err = capsys.readouterr().err.strip()
-    assert "ch=48" in err and "\n" not in err
+    assert "ch=36" in err and "norm_groups=8" in err and "\n" not in err
+    assert vt.main(["--out", "/nonexistent/x", "--codebook-update", "kmeans"]) == 2
+    assert "codebook_update='kmeans'" in capsys.readouterr().err
     assert vt.main(["--out", "/nonexistent/x", "--train-sizes", "64x40"]) == 2
     assert "64x40" in capsys.readouterr().err

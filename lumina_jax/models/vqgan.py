@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-NORM_GROUPS = 32  # GroupNorm groups of every taming Normalize()
+NORM_GROUPS = 32  # GroupNorm groups of every taming Normalize() (the default of VQGANConfig.norm_groups)
 NORM_EPS = 1e-6  # GroupNorm epsilon of every taming Normalize()
 
 
@@ -50,15 +50,21 @@ class VQGANConfig:
     num_res_blocks: int = 2  # ResnetBlocks per encoder level (decoder levels have one more)
     attn_resolutions: tuple[int, ...] = ()  # nominal resolutions whose levels get an AttnBlock per ResnetBlock
     dropout: float = 0.0  # ResnetBlock dropout (training only; ignored here)
+    # GroupNorm groups. Not a taming field: taming's Normalize() always uses 32, which Chameleon's width 128
+    # (4+ channels per group) suits. Narrow models need fewer groups: at 1 channel per group the norm is an
+    # instance norm per channel, which removes each channel's mean over the image (its flat colour).
+    norm_groups: int = NORM_GROUPS
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
         if self.double_z:
             raise ValueError("VQGANConfig: double_z=true is not supported (a VQModel's quant_conv takes z_channels inputs)")
+        if self.norm_groups < 1:
+            raise ValueError(f"VQGANConfig: norm_groups={self.norm_groups} must be >= 1")
         for name, c in [("ch", self.ch)] + [(f"ch*ch_mult[{i}]", self.ch * m) for i, m in enumerate(self.ch_mult)]:
-            if c % NORM_GROUPS:
-                raise ValueError(f"VQGANConfig: {name}={c} channels is not a multiple of {NORM_GROUPS} GroupNorm groups")
+            if c % self.norm_groups:
+                raise ValueError(f"VQGANConfig: {name}={c} channels is not a multiple of norm_groups={self.norm_groups}")
         if not self.ch_mult or self.num_res_blocks < 1:
             raise ValueError(f"VQGANConfig: need at least one level and one res block (ch_mult={self.ch_mult}, num_res_blocks={self.num_res_blocks})")
 
@@ -126,7 +132,11 @@ class VQGANConfig:
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The `model.params` layout of a taming `vqgan.yaml` (without lossconfig)."""
+        if self.norm_groups != NORM_GROUPS:
+            raise ValueError(f"VQGANConfig: norm_groups={self.norm_groups} has no vqgan.yaml form "
+                             f"(taming's GroupNorm always uses {NORM_GROUPS} groups)")
         d = self.to_dict()
+        d.pop("norm_groups")
         top = {"embed_dim": d.pop("embed_dim"), "n_embed": d.pop("n_embed")}
         return {"model": {"target": "taming.models.vqgan.VQModel", "params": {**top, "ddconfig": d}}}
 
@@ -143,9 +153,10 @@ def swish(x):
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm(32, eps 1e-6, affine) with float32 statistics; output in `dtype`."""
+    """GroupNorm(groups, eps 1e-6, affine) with float32 statistics; output in `dtype`."""
 
     dtype: Any = jnp.float32
+    groups: int = NORM_GROUPS
 
     @nn.compact
     def __call__(self, x):
@@ -153,7 +164,7 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         xf = x.astype(jnp.float32)
-        g = xf.reshape(*x.shape[:-1], NORM_GROUPS, c // NORM_GROUPS)
+        g = xf.reshape(*x.shape[:-1], self.groups, c // self.groups)
         axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)  # spatial dims + channels within a group
         mean = jnp.mean(g, axis=axes, keepdims=True)
         var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)  # biased, two-pass like torch
@@ -179,11 +190,12 @@ class ResnetBlock(nn.Module):
 
     out_channels: int
     dtype: Any = jnp.float32
+    groups: int = NORM_GROUPS
 
     @nn.compact
     def __call__(self, x):
-        h = _conv(self.out_channels, 3, self.dtype, "conv1")(swish(GroupNorm(self.dtype, name="norm1")(x)))
-        h = _conv(self.out_channels, 3, self.dtype, "conv2")(swish(GroupNorm(self.dtype, name="norm2")(h)))
+        h = _conv(self.out_channels, 3, self.dtype, "conv1")(swish(GroupNorm(self.dtype, self.groups, name="norm1")(x)))
+        h = _conv(self.out_channels, 3, self.dtype, "conv2")(swish(GroupNorm(self.dtype, self.groups, name="norm2")(h)))
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, 1, self.dtype, "nin_shortcut")(x)
         return x.astype(self.dtype) + h
@@ -193,11 +205,12 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions, scale C^-0.5, float32 softmax, residual."""
 
     dtype: Any = jnp.float32
+    groups: int = NORM_GROUPS
 
     @nn.compact
     def __call__(self, x):
         b, hh, ww, c = x.shape
-        h = GroupNorm(self.dtype, name="norm")(x)
+        h = GroupNorm(self.dtype, self.groups, name="norm")(x)
         q = _conv(c, 1, self.dtype, "q")(h).reshape(b, hh * ww, c)
         k = _conv(c, 1, self.dtype, "k")(h).reshape(b, hh * ww, c)
         v = _conv(c, 1, self.dtype, "v")(h).reshape(b, hh * ww, c)
@@ -237,13 +250,14 @@ class Level(nn.Module):
     with_attn: bool
     resample: str | None  # "down", "up" or None
     dtype: Any = jnp.float32
+    groups: int = NORM_GROUPS
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.num_blocks):
-            x = ResnetBlock(self.out_channels, self.dtype, name=f"block_{i}")(x)
+            x = ResnetBlock(self.out_channels, self.dtype, self.groups, name=f"block_{i}")(x)
             if self.with_attn:
-                x = AttnBlock(self.dtype, name=f"attn_{i}")(x)
+                x = AttnBlock(self.dtype, self.groups, name=f"attn_{i}")(x)
         if self.resample == "down":
             x = Downsample(self.dtype, name="downsample")(x)
         elif self.resample == "up":
@@ -253,13 +267,14 @@ class Level(nn.Module):
 
 class Mid(nn.Module):
     dtype: Any = jnp.float32
+    groups: int = NORM_GROUPS
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        x = ResnetBlock(c, self.dtype, name="block_1")(x)
-        x = AttnBlock(self.dtype, name="attn_1")(x)
-        return ResnetBlock(c, self.dtype, name="block_2")(x)
+        x = ResnetBlock(c, self.dtype, self.groups, name="block_1")(x)
+        x = AttnBlock(self.dtype, self.groups, name="attn_1")(x)
+        return ResnetBlock(c, self.dtype, self.groups, name="block_2")(x)
 
 
 class Encoder(nn.Module):
@@ -274,9 +289,9 @@ class Encoder(nn.Module):
         h = _conv(cfg.ch, 3, self.dtype, "conv_in")(x.astype(self.dtype))
         for i, m in enumerate(cfg.ch_mult):
             h = Level(cfg.ch * m, cfg.num_res_blocks, i in cfg.encoder_attn_levels,
-                      "down" if i != n - 1 else None, self.dtype, name=f"down_{i}")(h)
-        h = Mid(self.dtype, name="mid")(h)
-        h = swish(GroupNorm(self.dtype, name="norm_out")(h))
+                      "down" if i != n - 1 else None, self.dtype, cfg.norm_groups, name=f"down_{i}")(h)
+        h = Mid(self.dtype, cfg.norm_groups, name="mid")(h)
+        h = swish(GroupNorm(self.dtype, cfg.norm_groups, name="norm_out")(h))
         return _conv(cfg.z_channels, 3, self.dtype, "conv_out")(h)
 
 
@@ -290,11 +305,11 @@ class Decoder(nn.Module):
     def __call__(self, z):
         cfg = self.config
         h = _conv(cfg.ch * cfg.ch_mult[-1], 3, self.dtype, "conv_in")(z.astype(self.dtype))
-        h = Mid(self.dtype, name="mid")(h)
+        h = Mid(self.dtype, cfg.norm_groups, name="mid")(h)
         for i in reversed(range(len(cfg.ch_mult))):  # submodules named up_{i} as the torch ModuleList
             h = Level(cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, i in cfg.decoder_attn_levels,
-                      "up" if i != 0 else None, self.dtype, name=f"up_{i}")(h)
-        h = swish(GroupNorm(self.dtype, name="norm_out")(h))
+                      "up" if i != 0 else None, self.dtype, cfg.norm_groups, name=f"up_{i}")(h)
+        h = swish(GroupNorm(self.dtype, cfg.norm_groups, name="norm_out")(h))
         return _conv(cfg.out_ch, 3, self.dtype, "conv_out")(h)
 
 

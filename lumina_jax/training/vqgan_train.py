@@ -49,7 +49,9 @@ class VQGANTrainConfig:
     """Everything a run depends on; each field is also a command-line flag (--field-name)."""
 
     # model (VQGANConfig fields; ch_mult is fixed to Chameleon's (1, 1, 2, 2, 4))
-    ch: int = _f(32, "base channels (multiple of 32, the GroupNorm group count); levels get ch * (1,1,2,2,4)")
+    ch: int = _f(32, "base channels (a multiple of --norm-groups); levels get ch * (1,1,2,2,4)")
+    norm_groups: int = _f(8, "GroupNorm groups (taming/Chameleon: 32 at ch 128, 4 channels per group); keep several "
+                             "channels per group: at one the norm removes each channel's mean, i.e. flat colours")
     num_res_blocks: int = _f(1, "ResnetBlocks per encoder level (decoder levels get one more); Chameleon uses 2")
     z_channels: int = _f(64, "encoder output / decoder input channels")
     embed_dim: int = _f(16, "code vector width")
@@ -72,7 +74,10 @@ class VQGANTrainConfig:
     clip_grad_norm: float = _f(1.0, "global gradient-norm clipping; 0 disables")
     l1_weight: float = _f(1.0, "weight of the mean absolute pixel error (pixels in [-1, 1])")
     l2_weight: float = _f(1.0, "weight of the mean squared pixel error")
-    codebook_weight: float = _f(1.0, "weight of the codebook loss (sg(z) - e)^2")
+    codebook_update: str = _f("ema", "how codes move: 'ema' (each code is the moving average of the encoder outputs "
+                                     "assigned to it) or 'grad' (Adam on the codebook loss)")
+    ema_decay: float = _f(0.95, "decay per step of the 'ema' code averages")
+    codebook_weight: float = _f(1.0, "weight of the codebook loss (sg(z) - e)^2 ('grad' update only)")
     beta: float = _f(0.25, "weight of the commitment loss (z - sg(e))^2")
     # codebook usage
     usage_decay: float = _f(0.99, "decay of the moving average of code frequencies, per step")
@@ -88,12 +93,16 @@ class VQGANTrainConfig:
     eval_per_size: int = _f(6, "held-out images per evaluation size")
 
     def __post_init__(self):
-        if self.ch % 32 or self.ch < 32:
-            raise ValueError(f"VQGANTrainConfig: ch={self.ch} must be a positive multiple of 32")
+        if self.norm_groups < 1 or self.ch < 1 or self.ch % self.norm_groups:
+            raise ValueError(f"VQGANTrainConfig: ch={self.ch} must be a positive multiple of norm_groups={self.norm_groups}")
         for name in ("num_res_blocks", "z_channels", "embed_dim", "n_embed", "batch_pixels", "steps", "num_devices",
                      "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VQGANTrainConfig: {name}={getattr(self, name)} must be >= 1")
+        if self.codebook_update not in ("ema", "grad"):
+            raise ValueError(f"VQGANTrainConfig: codebook_update={self.codebook_update!r} must be 'ema' or 'grad'")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"VQGANTrainConfig: ema_decay={self.ema_decay} must be in [0, 1)")
         self.sizes  # validates train_sizes
         self.eval_sizes  # validates eval_target_sizes
 
@@ -124,7 +133,8 @@ class VQGANTrainConfig:
 
         res = max(max(s) for s in self.sizes)
         return VQGANConfig(embed_dim=self.embed_dim, n_embed=self.n_embed, z_channels=self.z_channels,
-                           resolution=res, ch=self.ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=self.num_res_blocks)
+                           resolution=res, ch=self.ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=self.num_res_blocks,
+                           norm_groups=self.norm_groups)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -218,9 +228,31 @@ def vq_losses(model, params, images, cfg: VQGANTrainConfig):
     recon = model.apply({"params": params}, z_st, method=VQGAN.decode_latents)
     l1 = jnp.mean(jnp.abs(recon - images))
     l2 = jnp.mean(jnp.square(recon - images))
-    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.codebook_weight * codebook + cfg.beta * commit
+    codebook_term = cfg.codebook_weight * codebook if cfg.codebook_update == "grad" else 0.0
+    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + codebook_term + cfg.beta * commit
     metrics = {"loss": loss, "l1": l1, "l2": l2, "codebook": codebook, "commit": commit}
     return loss, (metrics, codes, z)
+
+
+def ema_codebook(ema_count, ema_sum, embedding, codes, latents, decay: float):
+    """One moving-average codebook update: (ema_count, ema_sum, embedding).
+
+    ema_count[i] and ema_sum[i] average, with `decay` per step, how many encoder outputs chose code i and
+    their sum; a code becomes ema_sum / ema_count. A code nobody chooses keeps its vector (both decay alike).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = embedding.shape[0]
+    flat = latents.reshape(-1, latents.shape[-1]).astype(jnp.float32)
+    idx = codes.reshape(-1)
+    count = jnp.bincount(idx, length=n).astype(jnp.float32)
+    total = jax.ops.segment_sum(flat, idx, num_segments=n)
+    ema_count = decay * ema_count + (1.0 - decay) * count
+    ema_sum = decay * ema_sum + (1.0 - decay) * total
+    ok = ema_count > 1e-20
+    embedding = jnp.where(ok[:, None], ema_sum / jnp.where(ok, ema_count, 1.0)[:, None], embedding)
+    return ema_count, ema_sum, embedding
 
 
 def restart_dead_codes(embedding, usage, latents, key, cfg: VQGANTrainConfig):
@@ -263,6 +295,11 @@ def make_train_step(cfg: VQGANTrainConfig, batch_sharding=None, replicated=None)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         n = cfg.n_embed
+        ema_count, ema_sum = state["ema_count"], state["ema_sum"]
+        if cfg.codebook_update == "ema":
+            ema_count, ema_sum, emb = ema_codebook(ema_count, ema_sum, state["params"]["quantize"]["embedding"],
+                                                   codes, jax.lax.stop_gradient(z), cfg.ema_decay)
+            params = {**params, "quantize": {"embedding": emb}}
         freq = jnp.bincount(codes.reshape(-1), length=n).astype(jnp.float32) / codes.size
         usage = cfg.usage_decay * state["usage"] + (1.0 - cfg.usage_decay) * freq
         metrics["batch_codes_used"] = jnp.sum(freq > 0)
@@ -273,11 +310,16 @@ def make_train_step(cfg: VQGANTrainConfig, batch_sharding=None, replicated=None)
             seen = jnp.where(step == 0, 0.0, usage)  # step 0: every code starts from an encoder output
             emb, new_usage, count = restart_dead_codes(params["quantize"]["embedding"], seen, jax.lax.stop_gradient(z),
                                                        key, cfg)
+            restarted = do & (emb != params["quantize"]["embedding"]).any(axis=1)
             params = {**params, "quantize": {"embedding": jnp.where(do, emb, params["quantize"]["embedding"])}}
             usage = jnp.where(do, new_usage, usage)
+            # a restarted code starts its averages afresh at its new vector, with the mass of one encoder output
+            ema_count = jnp.where(restarted, 1.0 - cfg.ema_decay, ema_count)
+            ema_sum = jnp.where(restarted[:, None], (1.0 - cfg.ema_decay) * emb, ema_sum)
             metrics["restarted"] = jnp.where(do, count, 0).astype(jnp.int32)
         metrics["codes_alive"] = jnp.sum(usage >= cfg.dead_fraction / n)
-        return {"params": params, "opt_state": opt_state, "usage": usage}, metrics
+        return {"params": params, "opt_state": opt_state, "usage": usage, "ema_count": ema_count,
+                "ema_sum": ema_sum}, metrics
 
     kw = {}
     if batch_sharding is not None:
@@ -292,7 +334,9 @@ def init_state(cfg: VQGANTrainConfig, optimizer):
 
     params = init_params(cfg.vqgan_config(), cfg.seed)
     # zero usage: the restart at step 0 fills the whole codebook with encoder outputs (data-dependent init)
-    return {"params": params, "opt_state": optimizer.init(params), "usage": jnp.zeros((cfg.n_embed,), jnp.float32)}
+    emb = params["quantize"]["embedding"]
+    return {"params": params, "opt_state": optimizer.init(params), "usage": jnp.zeros((cfg.n_embed,), jnp.float32),
+            "ema_count": jnp.zeros((cfg.n_embed,), jnp.float32), "ema_sum": jnp.zeros(emb.shape, jnp.float32)}
 
 
 def _mesh_shardings(cfg: VQGANTrainConfig):
