@@ -8,9 +8,12 @@ reduced width with a small codebook. Images are rendered on the fly from the tra
 `lumina_jax.demo.shapes` (held-out colour-shape combinations are never seen), one image size per step,
 cycling through `--train-sizes`. The loss is
 
-    l1 * |x - x'| + l2 * (x - x')^2 + codebook * (sg(z) - e)^2 + beta * (z - sg(e))^2
+    l1 * |x - x'| + l2 * (x - x')^2 + beta * (z - sg(e))^2     (+ codebook * (sg(z) - e)^2 with 'grad')
 
-with the straight-through estimator from the quantized code e back to the encoder output z. Codebook usage
+with the straight-through estimator from the quantized code e back to the encoder output z. By default
+(`--codebook-update ema`) each code is the moving average of the encoder outputs assigned to it; 'grad'
+moves the codes by Adam on the codebook term instead. GroupNorm uses `--norm-groups` groups (8: taming's
+32 would be one channel per group at ch 32, an instance norm that erases flat colours). Codebook usage
 is tracked as an exponential moving average of the code frequencies; every `--restart-every` steps (also at
 step 0, which initialises the codebook from data) codes used less than `--dead-fraction` of uniform are
 re-initialised from random encoder outputs of the batch. Restarts stop after `--restart-until` of training,
@@ -22,8 +25,9 @@ usage and perplexity, reconstruction error and the shapes analysis of reconstruc
 
 Differences from the reference (taming-transformers VQModel training): no LPIPS perceptual loss and no
 patch discriminator (their weights would have to be downloaded; flat synthetic images do not need them);
-an L1 + L2 pixel loss instead; the non-legacy VQ loss (beta weights the commitment term, not the codebook
-term); dead-code restarts (taming has none); Adam with warm-up and cosine decay; batches are generated, not read.
+an L1 + L2 pixel loss instead; moving-average codes by default (taming trains them by gradient; with 'grad'
+the non-legacy VQ loss, beta weighting the commitment term); GroupNorm groups configurable (taming: 32);
+dead-code restarts (taming has none); Adam with warm-up and cosine decay; batches are generated, not read.
 """
 from __future__ import annotations
 
