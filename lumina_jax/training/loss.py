@@ -76,10 +76,18 @@ def _chunked_autodiff(logits_fn, z_loss_weight, chunk, head, hidden, targets, we
 
 def _fused_forward(logits_fn, z_loss_weight, chunk, head, hidden, targets, weights):
     """Loss sums plus d(objective)/d(head) and d(objective)/d(hidden), computed chunk by chunk."""
+    b, c, d = hidden.shape[0], chunk, hidden.shape[-1]
+
     def body(carry, xs):
         ce_acc, z_acc, dhead_acc = carry
-        h, t, w = xs
-        logits, vjp_fn = jax.vjp(logits_fn, head, h)
+        h, h_t, t, w = xs
+        # Two vjps of the same (linear) output layer: the logits and d/dhidden from the chunk as (B, c, D),
+        # d/dhead from the chunk as (D, B*c), laid out so by the transpose outside the loop (the forward
+        # product of the second vjp is unused and removed by XLA). Each dot then reads its small operand
+        # in the layout XLA:CPU's fast matmul wants; from (B, c, D) alone the head gradient's dot contracts
+        # the major dimension and runs in the slower generic kernel.
+        logits, vjp_hidden = jax.vjp(lambda x: logits_fn(head, x), h)
+        _, vjp_head = jax.vjp(lambda hd: logits_fn(hd, h_t.T.reshape(b, c, d)), head)
         logits32 = logits.astype(jnp.float32)
         # one exp pass serves both the logsumexp and the softmax
         m = jax.lax.stop_gradient(jnp.max(logits32, axis=-1, keepdims=True))
@@ -92,12 +100,14 @@ def _fused_forward(logits_fn, z_loss_weight, chunk, head, hidden, targets, weigh
         scale = (w * (1.0 + 2.0 * z_loss_weight * lse))[..., None] / s
         is_target = jax.lax.broadcasted_iota(jnp.int32, logits32.shape, logits32.ndim - 1) == t[..., None]
         dlogits = e * scale - jnp.where(is_target, w[..., None], 0.0)
-        dhead, dh = vjp_fn(dlogits.astype(logits.dtype))
+        dlogits = dlogits.astype(logits.dtype)
+        (dh,), (dhead,) = vjp_hidden(dlogits), vjp_head(dlogits)
         dhead_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), dhead_acc, dhead)
         return (ce_acc + ce, z_acc + z, dhead_acc), dh
 
     zeros_head = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), head)
-    xs = (_to_chunks(hidden, chunk), _to_chunks(targets, chunk), _to_chunks(weights, chunk))
+    hidden_t = jnp.swapaxes(_to_chunks(hidden, chunk).reshape(-1, b * c, d), 1, 2)  # (n, D, B*c)
+    xs = (_to_chunks(hidden, chunk), hidden_t, _to_chunks(targets, chunk), _to_chunks(weights, chunk))
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros_head)
     (ce, z, dhead), dh = jax.lax.scan(body, init, xs)
     dhead = jax.tree.map(lambda g, x: g.astype(x.dtype), dhead, head)
