@@ -13,7 +13,6 @@ Differences from the reference (Hugging Face / Lumina `ChameleonAttention`):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -42,82 +41,18 @@ def logical_param(module: nn.Module, name: str, init, shape, dtype, axes):
 
 
 class Linear(nn.Module):
-    """A bias-free projection: one `kernel` parameter with logical axes, applied by an einsum in `dtype`.
-
-    With `transposed_kernel_grad` (and an equation of the form "bt<in>,<in><out>->bt<out>") the kernel
-    gradient is computed from a transposed copy of the input, see `_project_with_transposed_grad`.
-    """
+    """A bias-free projection: one `kernel` parameter with logical axes, applied by an einsum in `dtype`."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     equation: str  # einsum equation "inputs,kernel->outputs"
     dtype: Any
     param_dtype: Any
-    transposed_kernel_grad: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = logical_param(self, "kernel", default_kernel_init(), self.shape, self.param_dtype, self.axes)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if self.transposed_kernel_grad and _is_flat_projection(self.equation, x.ndim, kernel.ndim):
-            return _project_with_transposed_grad(x, kernel)
-        return jnp.einsum(self.equation, x, kernel)
-
-
-def transposed_kernel_grad(config: ChameleonConfig) -> bool:
-    """Whether the model's projections use `_project_with_transposed_grad`: without rematerialisation."""
-    return config.remat_policy == "none"
-
-
-def _is_flat_projection(equation: str, x_ndim: int, k_ndim: int) -> bool:
-    """True for "bt<in>,<in><out>->bt<out>": the kernel's leading dims are exactly x's trailing ones."""
-    ins, out = equation.replace(" ", "").split("->")
-    xs, ks = ins.split(",")
-    if len(xs) != x_ndim or len(ks) != k_ndim or xs[:2] != out[:2]:
-        return False
-    n_in = x_ndim - 2
-    return ks[:n_in] == xs[2:] and out[2:] == ks[n_in:] and n_in >= 1 and len(ks) > n_in
-
-
-@jax.custom_vjp
-def _project_with_transposed_grad(x: Array, kernel: Array) -> Array:
-    """x (B, T, *in) . kernel (*in, *out) -> (B, T, *out), one matmul over the flattened dims.
-
-    Same value and gradients as the einsum. The kernel gradient x^T @ dy contracts the major dimension
-    of x; XLA:CPU then runs it in its generic dot kernel and copies dy into a transposed layout. Here the
-    forward pass keeps x^T, made behind an optimization barrier so XLA cannot fold the transpose back into
-    the dot, and the backward pass multiplies (In, B*T) @ (B*T, Out), which XLA:CPU's library matmul
-    takes as is (benchmarks/train_step.py). Only used without rematerialisation: a remat policy that saves
-    dots would not see the dot inside this function.
-    """
-    return _flat_matmul(x, kernel)
-
-
-def _flat_matmul(x, kernel):
-    b, t = x.shape[:2]
-    n_in = x.ndim - 2
-    y = x.reshape(b * t, -1) @ kernel.reshape(math.prod(kernel.shape[:n_in]), -1)
-    return y.reshape((b, t) + kernel.shape[n_in:])
-
-
-def _projection_fwd(x, kernel):
-    x_t = jax.lax.optimization_barrier(x.reshape(x.shape[0] * x.shape[1], -1).T)
-    return _flat_matmul(x, kernel), (x_t, kernel)
-
-
-def _projection_bwd(res, dy):
-    x_t, kernel = res
-    n_out = dy.ndim - 2
-    b, t = dy.shape[:2]
-    k_in = kernel.shape[:kernel.ndim - n_out]
-    k2 = kernel.reshape(x_t.shape[0], -1)
-    dy2 = dy.reshape(b * t, -1)
-    dx = (dy2 @ k2.T).reshape((b, t) + k_in)
-    dk = (x_t @ dy2).reshape(kernel.shape)
-    return dx, dk
-
-
-_project_with_transposed_grad.defvjp(_projection_fwd, _projection_bwd)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 @flax.struct.dataclass
@@ -234,10 +169,9 @@ class Attention(nn.Module):
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        fast_grad = transposed_kernel_grad(cfg)
-        q = Linear((D, N, H), ("embed", "heads", "kv"), "btd,dnh->btnh", dtype, pdtype, fast_grad, name="q_proj")(x)
-        k = Linear((D, K, H), ("embed", "kv_heads", "kv"), "btd,dkh->btkh", dtype, pdtype, fast_grad, name="k_proj")(x)
-        v = Linear((D, K, H), ("embed", "kv_heads", "kv"), "btd,dkh->btkh", dtype, pdtype, fast_grad, name="v_proj")(x)
+        q = Linear((D, N, H), ("embed", "heads", "kv"), "btd,dnh->btnh", dtype, pdtype, name="q_proj")(x)
+        k = Linear((D, K, H), ("embed", "kv_heads", "kv"), "btd,dkh->btkh", dtype, pdtype, name="k_proj")(x)
+        v = Linear((D, K, H), ("embed", "kv_heads", "kv"), "btd,dkh->btkh", dtype, pdtype, name="v_proj")(x)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv"))
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv"))
@@ -273,6 +207,6 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-        out = Linear((N, H, D), ("heads", "kv", "embed"), "btnh,nhd->btd", dtype, pdtype, fast_grad, name="o_proj")(out)
+        out = Linear((N, H, D), ("heads", "kv", "embed"), "btnh,nhd->btd", dtype, pdtype, name="o_proj")(out)
         out = checkpoint_name(out, "out_proj")
         return out, new_cache

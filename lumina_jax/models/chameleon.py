@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lumina_jax.config import ChameleonConfig
-from lumina_jax.models.attention import (Attention, KVCache, Linear, init_cache, logical_param,
-                                        transposed_kernel_grad)
+from lumina_jax.models.attention import Attention, KVCache, Linear, init_cache, logical_param
 
 __all__ = [
     "Chameleon", "DecoderBlock", "KVCache", "REMAT_POLICIES", "compute_logits", "init_cache",
@@ -74,12 +73,11 @@ class MLP(nn.Module):
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         D, F = cfg.hidden_size, cfg.intermediate_size
-        fast = transposed_kernel_grad(cfg)
-        g = Linear((D, F), ("embed", "mlp"), "btd,df->btf", dtype, pdtype, fast, name="gate_proj")(x)
-        u = Linear((D, F), ("embed", "mlp"), "btd,df->btf", dtype, pdtype, fast, name="up_proj")(x)
+        g = Linear((D, F), ("embed", "mlp"), "btd,df->btf", dtype, pdtype, name="gate_proj")(x)
+        u = Linear((D, F), ("embed", "mlp"), "btd,df->btf", dtype, pdtype, name="up_proj")(x)
         h = nn.silu(g) * u
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return Linear((F, D), ("mlp", "embed"), "btf,fd->btd", dtype, pdtype, fast, name="down_proj")(h)
+        return Linear((F, D), ("mlp", "embed"), "btf,fd->btd", dtype, pdtype, name="down_proj")(h)
 
 
 class DecoderBlock(nn.Module):
