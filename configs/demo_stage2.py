@@ -13,7 +13,7 @@ from lumina_jax.training.config import DataConfig, OptimizerConfig  # noqa: E402
 def get_config():
     cfg = stage1_config()
     return dataclasses.replace(
-        cfg, name="demo_stage2", total_steps=400,
+        cfg, name="demo_stage2", total_steps=1200,
         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.01, clip_grad_norm=1.0),
         data=DataConfig(seq_len=256, global_batch_size=8, packing=True),  # ~20 items of ~100 tokens per step
         checkpoint=dataclasses.replace(cfg.checkpoint, init_from="runs/demo/export/stage1"))

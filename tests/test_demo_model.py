@@ -37,12 +37,11 @@ def test_generates_requested_size(demo):
     assert _generate(demo, SPEC).size == SPEC.size
 
 
-# The shipped weights are an interim result: the demo VQGAN does not yet reproduce colours (held-out
-# reconstructions get 23% of backgrounds right), so neither can the decoder; see docs/demo_recipe.md.
-# strict: once better weights are shipped this passes, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="interim demo weights: the VQGAN does not reproduce colours yet")
-def test_generates_requested_background(demo):
-    assert analyse(_generate(demo, SPEC)).background == SPEC.background
+def test_generates_requested_background_and_colour(demo):
+    """The issue's CI check (background colour by the evaluation's analysis), plus the shape colour."""
+    seen = analyse(_generate(demo, SPEC))
+    assert seen.background == SPEC.background
+    assert seen.colour == SPEC.colour
 
 
 def test_infer_cli_uses_the_shipped_weights_by_default(tmp_path, capsys):

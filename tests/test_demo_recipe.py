@@ -76,3 +76,11 @@ def test_assembled_directory_generates_an_image(smoke_run):
     res = lm.generate(["a red circle on a blue background"], size=(160, 96), cfg=3.0, image_top_k=8, seed=0,
                       max_new_tokens=96, progress=False)
     assert res[0].images and res[0].images[0].size == (160, 96)
+
+
+def test_assembled_directory_names_no_machine_path(smoke_run):
+    out, _ = smoke_run
+    files = [p for p in (out / "model").rglob("*") if p.is_file()]
+    assert any(p.name == "commit_success.txt" for p in files) and any(p.suffix == ".model" for p in files)
+    for p in files:
+        assert str(out).encode() not in p.read_bytes(), p  # the run directory appears in no shipped file
