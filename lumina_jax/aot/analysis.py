@@ -61,6 +61,20 @@ def _sub_jaxprs(value):
             yield from _sub_jaxprs(v)
 
 
+def _live_jaxpr(jaxpr):
+    """`jaxpr` without the equations no output depends on (inside loops too), as XLA drops them.
+
+    The fused loss, for one, takes a vjp only for its pullback and leaves the forward product unused.
+    Uses JAX's own dead-code elimination (an internal module); without it the count includes dead work.
+    """
+    try:
+        from jax._src.interpreters import partial_eval as pe
+    except ImportError:  # pragma: no cover - a JAX without the internal module
+        return jaxpr
+    live, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)
+    return live
+
+
 def analyse_jaxpr(closed: Any, keep: int = 8) -> JaxprStats:
     """FLOPs and the `keep` largest distinct intermediates of a ClosedJaxpr (from jax.make_jaxpr)."""
     stats = JaxprStats()
@@ -103,6 +117,6 @@ def analyse_jaxpr(closed: Any, keep: int = 8) -> JaxprStats:
                 for sub in _sub_jaxprs(value):
                     visit(sub, inner)
 
-    visit(closed.jaxpr, 1.0)
+    visit(_live_jaxpr(closed.jaxpr), 1.0)
     stats.largest = sorted(seen.values(), key=lambda b: -b.nbytes)[:keep]
     return stats
