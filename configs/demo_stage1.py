@@ -8,9 +8,9 @@ from lumina_jax.config import ChameleonConfig
 from lumina_jax.training.config import (CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimizerConfig,
                                         ParallelConfig, TrainConfig)
 
-# A 4-layer, 128-wide decoder of Lumina-7B's layout (pre-norm, q/k-norm with one shared row), fp32 for the CPU.
+# A 6-layer, 160-wide decoder of Lumina-7B's layout (pre-norm, q/k-norm with one shared row), fp32 for the CPU.
 DEMO_MODEL = ChameleonConfig(
-    vocab_size=1536, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=4,
+    vocab_size=1536, hidden_size=160, intermediate_size=448, num_layers=6, num_heads=5, num_kv_heads=5,
     head_dim=32, image_token_start=4, image_token_end=516, dropout=0.0, z_loss_weight=1e-5,
     mask_image_logits=False, param_dtype="float32", dtype="float32", remat_policy="none",
     max_position_embeddings=256)

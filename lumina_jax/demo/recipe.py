@@ -55,7 +55,7 @@ class RecipePreset:
 
 
 PRESETS = {
-    # The shipped model: 42 CPU-min, 33 min wall on 2 cores (docs/demo_recipe.md has the stage times).
+    # The shipped model: 58 CPU-min, 46 min wall on 2 cores (docs/demo_recipe.md has the stage times).
     "full": RecipePreset(items_stage1=6000, items_stage2=6000, vqgan_flags=("--steps", "3000", "--batch-pixels", "16384", "--n-embed", "512", "--ch", "32",
                                       "--norm-groups", "8", "--codebook-update", "ema",
                                       "--eval-target-sizes", "128", "--eval-per-size", "2"),
