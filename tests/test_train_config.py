@@ -72,3 +72,17 @@ def test_cli_help_and_errors():
     assert bad.stderr.strip().splitlines()[-1].startswith("train.py: override optimizer.nope")
     printed = run("--config", str(REPO / "configs" / "tiny_cpu.py"), "--print_config", "seed=7")
     assert printed.returncode == 0 and '"seed": 7' in printed.stdout
+
+
+def test_overrides_are_validated_together_per_section():
+    """Each section is rebuilt once with all its overrides: fields that must agree can change in any order."""
+    path = str(REPO / "configs" / "demo_stage1.py")
+    base = config_lib.load_config(path)
+    assert (base.model.num_heads, base.model.num_kv_heads) == (5, 5)
+    for order in (["model.num_kv_heads=2", "model.num_heads=2"], ["model.num_heads=2", "model.num_kv_heads=2"]):
+        cfg = config_lib.load_config(path, order + ["model.head_dim=16", "model.hidden_size=32", "total_steps=3",
+                                                    "optimizer.lr=1e-3", "model.num_heads=4"])
+        assert (cfg.model.num_heads, cfg.model.num_kv_heads, cfg.model.head_dim) == (4, 2, 16)  # last wins
+        assert cfg.total_steps == 3 and cfg.optimizer.lr == 1e-3 and cfg.model.num_layers == base.model.num_layers
+    with pytest.raises(ValueError, match="num_heads=5 is not a multiple of num_kv_heads=2"):
+        config_lib.load_config(path, ["model.num_kv_heads=2"])  # the final combination is still checked

@@ -165,12 +165,47 @@ def apply_override(cfg: Any, key: str, text: str, _full_key: str | None = None) 
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Applies all overrides, each config section rebuilt once with all of its new fields.
+
+    So a section is validated on the final combination, not after each field (e.g. `model.num_heads=2
+    model.num_kv_heads=2` works from 5 heads in either order). A later override of a key wins.
+    """
+    tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        cfg = apply_override(cfg, key.strip(), text.strip())
-    return cfg
+        key, text = (part.strip() for part in item.split("=", 1))
+        node, parts = tree, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key}: {part!r} is not a config section")
+        node[parts[-1]] = (key, text)
+    return _apply_tree(cfg, tree)
+
+
+def _apply_tree(cfg: Any, tree: dict) -> Any:
+    """`cfg` with the grouped overrides of `tree` ({field: (full key, text) or {sub-tree}}) applied."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            if name not in fields:
+                raise ValueError(f"override {name}.*: {type(cfg).__name__} has no field {name!r}; "
+                                 f"known: {sorted(fields)}")
+            current = getattr(cfg, name)
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"override {name}.*: {name!r} is not a config section")
+            changes[name] = _apply_tree(current, value)
+            continue
+        full, text = value
+        if name not in fields:
+            raise ValueError(f"override {full}: {type(cfg).__name__} has no field {name!r}; known: {sorted(fields)}")
+        if dataclasses.is_dataclass(getattr(cfg, name)):
+            raise ValueError(f"override {full}: {name!r} is a section; set one of its fields ({name}.<field>=...)")
+        changes[name] = _parse_value(text, hints[name], full)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
