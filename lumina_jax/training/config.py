@@ -148,20 +148,7 @@ def _parse_value(text: str, typ: Any, key: str) -> Any:
 
 def apply_override(cfg: Any, key: str, text: str, _full_key: str | None = None) -> Any:
     """Returns `cfg` with the dotted field `key` set from the string `text` (parsed by the field's type)."""
-    full = _full_key or key
-    head, _, rest = key.partition(".")
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    if head not in fields:
-        raise ValueError(f"override {full}: {type(cfg).__name__} has no field {head!r}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(type(cfg))
-    current = getattr(cfg, head)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ValueError(f"override {full}: {head!r} is not a config section")
-        return dataclasses.replace(cfg, **{head: apply_override(current, rest, text, full)})
-    if dataclasses.is_dataclass(current):
-        raise ValueError(f"override {full}: {head!r} is a section; set one of its fields ({head}.<field>=...)")
-    return dataclasses.replace(cfg, **{head: _parse_value(text, hints[head], full)})
+    return _apply_tree(cfg, _add_to_tree({}, key, text, _full_key or key))
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -175,36 +162,44 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value")
         key, text = (part.strip() for part in item.split("=", 1))
-        node, parts = tree, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {key}: {part!r} is not a config section")
-        node[parts[-1]] = (key, text)
+        _add_to_tree(tree, key, text, key)
     return _apply_tree(cfg, tree)
 
 
+def _add_to_tree(tree: dict, key: str, text: str, full: str) -> dict:
+    """Files `key=text` under its dotted path: {section: {field: (full key, text)}}."""
+    node, parts = tree, key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {full}: {part!r} is not a config section")
+    node[parts[-1]] = (full, text)
+    return tree
+
+
+def _first_key(tree: dict) -> str:
+    value = next(iter(tree.values()))
+    return _first_key(value) if isinstance(value, dict) else value[0]
+
+
 def _apply_tree(cfg: Any, tree: dict) -> Any:
-    """`cfg` with the grouped overrides of `tree` ({field: (full key, text) or {sub-tree}}) applied."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    """`cfg` with the grouped overrides of `tree` applied: one `dataclasses.replace` per section."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
     changes = {}
     for name, value in tree.items():
-        if isinstance(value, dict):
-            if name not in fields:
-                raise ValueError(f"override {name}.*: {type(cfg).__name__} has no field {name!r}; "
-                                 f"known: {sorted(fields)}")
-            current = getattr(cfg, name)
-            if not dataclasses.is_dataclass(current):
-                raise ValueError(f"override {name}.*: {name!r} is not a config section")
-            changes[name] = _apply_tree(current, value)
-            continue
-        full, text = value
+        full = _first_key(value) if isinstance(value, dict) else value[0]
         if name not in fields:
             raise ValueError(f"override {full}: {type(cfg).__name__} has no field {name!r}; known: {sorted(fields)}")
-        if dataclasses.is_dataclass(getattr(cfg, name)):
+        current = getattr(cfg, name)
+        if isinstance(value, dict):
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"override {full}: {name!r} is not a config section")
+            changes[name] = _apply_tree(current, value)
+        elif dataclasses.is_dataclass(current):
             raise ValueError(f"override {full}: {name!r} is a section; set one of its fields ({name}.<field>=...)")
-        changes[name] = _parse_value(text, hints[name], full)
+        else:
+            changes[name] = _parse_value(value[1], hints[name], full)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
