@@ -108,9 +108,9 @@ class SetConfig:
     target_size: int = 64  # UniRep target size; images take the sizes of its crop list
     num_items: int = 4000  # number of items (images) in data.json
     seed: int = 0  # item i is generated from (seed, i) alone
-    image_only_fraction: float = 0.1  # share of items without a caption (empty human turn)
-    min_extent: float = 0.6  # smallest shape side as a fraction of min(W, H)
-    max_extent: float = 0.8  # largest shape side as a fraction of min(W, H)
+    image_only_fraction: float = 0.2  # share of items without a caption (empty human turn)
+    min_extent: float = 0.75  # smallest shape side as a fraction of min(W, H)
+    max_extent: float = 0.85  # largest shape side as a fraction of min(W, H)
     position_jitter: float = 0.0  # offset of the shape from the centre, as a fraction of the free room (0 = centred)
 
     def __post_init__(self):
@@ -149,8 +149,8 @@ def combinations(split: str = "all") -> list[tuple[str, str, str]]:
     return out
 
 
-def sample_layout(width: int, height: int, rng: np.random.Generator, min_extent: float = 0.6,
-                  max_extent: float = 0.8, position_jitter: float = 0.0) -> Layout:
+def sample_layout(width: int, height: int, rng: np.random.Generator, min_extent: float = 0.75,
+                  max_extent: float = 0.85, position_jitter: float = 0.0) -> Layout:
     """A random square box of side in [min_extent, max_extent] * min(W, H), near the centre."""
     short = min(width, height)
     side = max(4, int(round(short * rng.uniform(min_extent, max_extent))))
