@@ -19,7 +19,7 @@ DEMO_MODEL = ChameleonConfig(
 def get_config():
     return TrainConfig(
         name="demo_stage1",
-        total_steps=800,
+        total_steps=1200,
         seed=0,
         model=DEMO_MODEL,
         optimizer=OptimizerConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.01, clip_grad_norm=1.0),
