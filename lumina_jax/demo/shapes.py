@@ -149,9 +149,11 @@ def combinations(split: str = "all") -> list[tuple[str, str, str]]:
     return out
 
 
-def sample_layout(width: int, height: int, rng: np.random.Generator, min_extent: float = 0.75,
-                  max_extent: float = 0.85, position_jitter: float = 0.0) -> Layout:
-    """A random square box of side in [min_extent, max_extent] * min(W, H), near the centre."""
+def sample_layout(width: int, height: int, rng: np.random.Generator, min_extent: float = SetConfig.min_extent,
+                  max_extent: float = SetConfig.max_extent,
+                  position_jitter: float = SetConfig.position_jitter) -> Layout:
+    """A random square box of side in [min_extent, max_extent] * min(W, H), near the centre (defaults: the
+    set's, `SetConfig`)."""
     short = min(width, height)
     side = max(4, int(round(short * rng.uniform(min_extent, max_extent))))
     side = min(side, short)
