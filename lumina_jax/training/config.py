@@ -177,9 +177,9 @@ def _add_to_tree(tree: dict, key: str, text: str, full: str) -> dict:
     return tree
 
 
-def _first_key(tree: dict) -> str:
-    value = next(iter(tree.values()))
-    return _first_key(value) if isinstance(value, dict) else value[0]
+def _first_key(value: dict | tuple) -> str:
+    """The full key of an override leaf (full key, text), or of the first leaf under a section."""
+    return _first_key(next(iter(value.values()))) if isinstance(value, dict) else value[0]
 
 
 def _apply_tree(cfg: Any, tree: dict) -> Any:
@@ -188,7 +188,7 @@ def _apply_tree(cfg: Any, tree: dict) -> Any:
     hints = typing.get_type_hints(type(cfg))
     changes = {}
     for name, value in tree.items():
-        full = _first_key(value) if isinstance(value, dict) else value[0]
+        full = _first_key(value)
         if name not in fields:
             raise ValueError(f"override {full}: {type(cfg).__name__} has no field {name!r}; known: {sorted(fields)}")
         current = getattr(cfg, name)
