@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-size", type=int, default=None,
                    help="training resolution whose crop list applies (default: the directory's lumina.json)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the task's; 1 = off)")
+    p.add_argument("--cfg-min-p", type=float, default=0.0,
+                   help="with guidance, sample image codes only among those whose conditional probability is at "
+                        "least this share of the top code's (0 = off, as the reference; the demo uses 0.05)")
     p.add_argument("--image-top-k", type=int, default=None, help="top-k inside images (default: the task's)")
     p.add_argument("--text-top-k", type=int, default=None, help="top-k outside images (default: the task's, 10)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy; default 1)")
@@ -107,10 +110,10 @@ def main(argv=None) -> int:
         if size is not None:
             lm.size_to_patches(size)
         results = lm.generate(prompts, task=args.task, images=images, size=size, cfg=args.cfg,
-                              image_top_k=args.image_top_k, text_top_k=args.text_top_k, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, num_images=args.num_images,
-                              max_new_tokens=args.max_new_tokens, constrain_size=not args.unconstrained_size,
-                              progress=args.progress)
+                              cfg_min_p=args.cfg_min_p, image_top_k=args.image_top_k, text_top_k=args.text_top_k,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                              num_images=args.num_images, max_new_tokens=args.max_new_tokens,
+                              constrain_size=not args.unconstrained_size, progress=args.progress)
         run_info = {k: v for k, v in vars(args).items() if k not in ("prompt", "progress")}
         written = Lumina.save(results, args.out, run_info=run_info)
     except InferenceError as e:

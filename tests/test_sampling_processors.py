@@ -233,3 +233,40 @@ def test_top_k_mask_equals_sort_threshold(k):
     thr = np.sort(x, axis=-1)[:, ::-1][:, k - 1:k]
     ref = np.where(x < thr, -np.inf, x)
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_cfg_min_p_keeps_only_codes_plausible_under_the_conditional_branch():
+    """Guided BODY rows keep the codes with softmax(c) >= min_p * max softmax(c), computed here in float64
+    probabilities; other rows and min_p = 0 are the plain reference rule."""
+    rng = np.random.default_rng(4)
+    seqs = [[1, IDS.image_start, IDS.size_base + 2, IDS.size_base + 2, 5],  # BODY
+            [1, IDS.image_start, IDS.size_base + 1, IDS.size_base + 2, 7, 9],  # BODY
+            [1, IDS.image_start, IDS.size_base + 2]]  # SIZE_W: guidance not applied yet
+    sts = [P.prompt_state(x, IDS) for x in seqs]
+    state = P.initial_state([x[-1] for x in seqs], [d["in_image"] for d in sts], [d["header"] for d in sts],
+                            [d["h"] for d in sts], [d["w"] for d in sts], [d["body"] for d in sts])
+    c = (rng.normal(size=(3, IDS.num_image_ids)) * 3).astype(np.float32)
+    u = (rng.normal(size=(3, IDS.num_image_ids)) * 3).astype(np.float32)
+    g, min_p = 3.0, 0.05
+    ours = np.asarray(P.guide(jnp.asarray(c), jnp.asarray(u), state, g, min_p))
+    plain = np.asarray(P.guide(jnp.asarray(c), jnp.asarray(u), state, g))
+    for b in range(2):
+        p = np.exp(c[b].astype(np.float64) - c[b].max())
+        p /= p.sum()
+        keep = p >= min_p * p.max()
+        assert 1 <= keep.sum() < IDS.num_image_ids
+        np.testing.assert_allclose(ours[b][keep], (u[b] + g * (c[b] - u[b]))[keep], rtol=1e-6, atol=1e-5)
+        assert np.all(ours[b][~keep] == -np.inf)
+        np.testing.assert_allclose(plain[b], u[b] + g * (c[b] - u[b]), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(ours[2], c[2])  # not a BODY row: the conditional logits as they are
+    # through process_body (top-k, temperature) the kept set can only shrink; sampled codes stay plausible
+    s = P.SamplingSettings(cfg_scale=g, cfg_min_p=min_p, image_top_k=20, temperature=0.7, max_new_tokens=10)
+    body = np.asarray(P.process_body(jnp.asarray(c), jnp.asarray(u), state, s))
+    for b in range(2):
+        assert set(np.flatnonzero(np.isfinite(body[b]))) <= set(np.flatnonzero(np.isfinite(ours[b])))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2.0])
+def test_cfg_min_p_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="cfg_min_p"):
+        P.SamplingSettings(cfg_min_p=bad)

@@ -174,7 +174,8 @@ def _sample(model, params, head, hidden, state, inputs, settings, ids, size_tabl
 
         rec = dict(rec)
         rec["cond_image"] = put(rec["cond_image"], cond_img)
-        rec["guided_image"] = put(rec["guided_image"], P.guide(cond_img, unc_img, state, settings.cfg_scale))
+        guided_img = P.guide(cond_img, unc_img, state, settings.cfg_scale, settings.cfg_min_p)
+        rec["guided_image"] = put(rec["guided_image"], guided_img)
         if guided:
             rec["uncond_image"] = put(rec["uncond_image"], unc_img)
         if "cond_full" in rec:
@@ -188,7 +189,8 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
     """Prefill every row, then sample until every row hit end-of-turn or `max_new_tokens` (traceable).
 
     `record=True` also returns, per step, the raw conditional and unconditional image-id logits and the
-    guided ones (u + g(c - u) in BODY, c elsewhere); `record="full"` adds the full conditional logits.
+    guided ones (u + g(c - u) in BODY, after the `cfg_min_p` floor when set; c elsewhere); `record="full"`
+    adds the full conditional logits.
     """
     B, Pc = inputs.prompt.shape
     guided = settings.use_guidance

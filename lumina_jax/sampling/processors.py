@@ -19,11 +19,17 @@ Differences from the reference:
   reference's unconstrained sampling);
 - outside images, image ids and <eoss> are masked (the reference leaves them allowed; a trained model never
   picks them, a random one does);
-- optional top-p after top-k and temperature; temperature 0 means greedy.
+- optional top-p after top-k and temperature; temperature 0 means greedy;
+- optional plausibility floor for guidance (`cfg_min_p`, off by default): guided rows keep only the image
+  codes whose conditional probability is at least `cfg_min_p` times that of the conditional top code, so
+  u + g(c - u) cannot promote a code that both branches find unlikely (with a sharp unconditional branch
+  such codes get the largest c - u). The rule is the adaptive plausibility constraint of contrastive
+  decoding (Li et al., 2023).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -76,6 +82,7 @@ class SamplingSettings:
     """Sampling knobs; static under jit (top-k sizes are shapes)."""
 
     cfg_scale: float = 4.0  # classifier-free guidance g; 1.0 = off (then no unconditional rows are run)
+    cfg_min_p: float = 0.0  # guided rows: keep codes with p_cond >= cfg_min_p * max p_cond; 0 = off (reference)
     image_top_k: int = 2000  # top-k inside images, size tokens included; 0 = off
     text_top_k: int = 10  # top-k outside images; 0 = off
     temperature: float = 1.0  # softmax temperature; 0 = greedy (argmax)
@@ -95,6 +102,8 @@ class SamplingSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.cfg_scale <= 0:
             raise ValueError(f"cfg_scale must be > 0, got {self.cfg_scale}")
+        if not 0.0 <= self.cfg_min_p < 1.0:
+            raise ValueError(f"cfg_min_p must be in [0, 1), got {self.cfg_min_p}")
 
     @property
     def use_guidance(self) -> bool:
@@ -228,12 +237,21 @@ def _temperature(x: jax.Array, t: float) -> jax.Array:
     return x if t in (0.0, 1.0) else x / t
 
 
-def guide(cond: jax.Array, uncond: jax.Array | None, state: RowState, cfg_scale: float) -> jax.Array:
-    """u + g (c - u) for BODY rows (the size tokens exist), c elsewhere (spec §7.2)."""
+def guide(cond: jax.Array, uncond: jax.Array | None, state: RowState, cfg_scale: float,
+          min_p: float = 0.0) -> jax.Array:
+    """u + g (c - u) for BODY rows (the size tokens exist), c elsewhere (spec §7.2).
+
+    With `min_p` > 0 the guided rows keep only the entries where softmax(c) >= min_p * max softmax(c), i.e.
+    c >= max(c) + log(min_p); the others become NEG_INF.
+    """
     if uncond is None or cfg_scale == 1.0:
         return cond
     on = (phase(state) == BODY)[:, None]
-    return jnp.where(on, uncond + cfg_scale * (cond - uncond), cond)
+    guided = uncond + cfg_scale * (cond - uncond)
+    if min_p > 0.0:
+        plausible = cond >= jnp.max(cond, axis=-1, keepdims=True) + math.log(min_p)
+        guided = jnp.where(plausible, guided, NEG_INF)
+    return jnp.where(on, guided, cond)
 
 
 def process_body(cond_img: jax.Array, uncond_img: jax.Array | None, state: RowState,
@@ -243,7 +261,7 @@ def process_body(cond_img: jax.Array, uncond_img: jax.Array | None, state: RowSt
     Forced steps are not reflected here; `choose_tokens` overrides them.
     """
     x = guide(cond_img.astype(jnp.float32), None if uncond_img is None else uncond_img.astype(jnp.float32),
-              state, s.cfg_scale)
+              state, s.cfg_scale, s.cfg_min_p)
     x = _top_k_mask(x, s.image_top_k)
     return _top_p_mask(_temperature(x, s.temperature), s.top_p)
 
