@@ -26,8 +26,8 @@ test: $(STAMP)
 DEMO_OUT ?= demo_out
 DEMO_PROMPT ?= a red circle on a blue background
 demo: $(STAMP)
-	$(PY) infer.py --prompt "$(DEMO_PROMPT)" --size 128x128 --num-images 4 --seed 0 --cfg 3 --image-top-k 16 \
-		--max-new-tokens 128 --out $(DEMO_OUT)
+	$(PY) infer.py --prompt "$(DEMO_PROMPT)" --size 128x128 --num-images 4 --seed 0 --cfg 3 --cfg-min-p 0.05 \
+		--image-top-k 16 --max-new-tokens 128 --out $(DEMO_OUT)
 	@echo "demo images: $(abspath $(DEMO_OUT))/*.png"
 
 DEMO_RUN ?= runs/demo

@@ -5,6 +5,7 @@ import pytest
 
 from lumina_jax.demo.shapes import ShapeSpec
 from lumina_jax.eval.shape_analysis import analyse
+from lumina_jax.eval.shapes import DEMO_CFG_MIN_P
 from lumina_jax.inference import DEFAULT_CHECKPOINT, Lumina
 
 MAX_BYTES = 25 * 2**20
@@ -24,8 +25,8 @@ def test_shipped_checkpoint_is_small_and_complete():
 
 
 def _generate(demo, spec):
-    res = demo.generate([spec.caption], size=spec.size, cfg=3.0, image_top_k=16, seed=0, max_new_tokens=128,
-                        progress=False)
+    res = demo.generate([spec.caption], size=spec.size, cfg=3.0, cfg_min_p=DEMO_CFG_MIN_P, image_top_k=16, seed=0,
+                        max_new_tokens=128, progress=False)
     assert res[0].stopped == "end_of_turn" and len(res[0].images) == 1
     return res[0].images[0]
 
@@ -53,8 +54,8 @@ def test_infer_cli_uses_the_shipped_weights_by_default(tmp_path, capsys):
     infer = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(infer)
     rc = infer.main(["--prompt", "a yellow circle on a black background", "--size", "160x96", "--cfg", "3",
-                     "--image-top-k", "16", "--max-new-tokens", "128", "--seed", "1", "--out", str(tmp_path),
-                     "--no-progress"])
+                     "--cfg-min-p", str(DEMO_CFG_MIN_P), "--image-top-k", "16", "--max-new-tokens", "128",
+                     "--seed", "1", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 1
@@ -62,3 +63,26 @@ def test_infer_cli_uses_the_shipped_weights_by_default(tmp_path, capsys):
 
     with Image.open(pngs[0]) as im:
         assert im.size == (160, 96)
+
+
+def test_eval_shapes_cli_prints_the_table_for_each_scale(tmp_path, capsys):
+    from lumina_jax.eval import shapes as eval_shapes
+
+    out = tmp_path / "rows.json"
+    rc = eval_shapes.main(["--per-split", "2", "--guidance", "1,3", "--quiet", "--json", str(out),
+                           "--out", str(tmp_path / "png")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"cfg min-p {eval_shapes.DEMO_CFG_MIN_P:g}" in text and "held-out" in text
+    rows = json.loads(out.read_text())
+    assert sorted((r["guidance"], r["split"]) for r in rows) == [(1.0, "held-out"), (1.0, "seen"), (3.0, "held-out"),
+                                                                 (3.0, "seen")]
+    assert all(r["n"] == 2 and r["size"] == 1.0 for r in rows)  # sizes are forced, so always right
+    assert len(list((tmp_path / "png" / "guidance3").glob("*.png"))) == 4
+
+
+def test_eval_shapes_cli_refuses_a_bad_floor(capsys):
+    from lumina_jax.eval import shapes as eval_shapes
+
+    assert eval_shapes.main(["--cfg-min-p", "1"]) == 2
+    assert "--cfg-min-p 1.0: must be in [0, 1)" in capsys.readouterr().err

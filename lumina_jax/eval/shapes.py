@@ -1,7 +1,8 @@
 """Evaluate a shapes demo model: generate a fixed list of prompts at several guidance scales and score them.
 
     python -m lumina_jax.eval.shapes                          # the shipped demo weights, guidance 1 and 3
-    python -m lumina_jax.eval.shapes --checkpoint runs/demo/model --guidance 1,3 --per-split 24 --out eval/
+    python -m lumina_jax.eval.shapes --checkpoint runs/demo/model --guidance 1,3 --per-split 96 --out eval/
+    python -m lumina_jax.eval.shapes --cfg-min-p 0                # guidance exactly as the reference
 
 The prompts are `lumina_jax.demo.shapes.eval_specs`: `--per-split` seen and `--per-split` held-out
 colour-shape combinations, their sizes cycling through the crop list of the model's target size. Every
@@ -9,6 +10,10 @@ prompt is generated once per guidance scale with the same seeds (text-to-image t
 forced to the requested size, as `infer.py --size` does), all prompts of one scale in one batch. Each
 image is measured by `lumina_jax.eval.shape_analysis` (border colour, dominant inner colour, fill ratio of
 the shape's bounding box, size) and the table of accuracies per attribute, split and scale is printed.
+
+Sampling defaults are the demo's (`make demo`): image top-k 16, temperature 1 and, with guidance, the
+plausibility floor `--cfg-min-p 0.05` (codes below 5% of the conditional top code's probability are not
+sampled; `lumina_jax.sampling.processors.SamplingSettings.cfg_min_p`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+DEMO_CFG_MIN_P = 0.05  # the plausibility floor `make demo` uses with guidance (docs/demo_recipe.md)
+PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
 
 
 def parse_scales(text: str) -> list[float]:
@@ -32,7 +40,8 @@ def parse_scales(text: str) -> list[float]:
 
 
 def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_top_k: int = 16,
-                   temperature: float = 1.0, max_new_tokens: int = 128, progress: bool = True) -> list:
+                   temperature: float = 1.0, max_new_tokens: int = 128, progress: bool = True,
+                   cfg_min_p: float = 0.0) -> list:
     """One PIL image per spec (or None where no image came out), all specs in one batch; row i uses seed + i.
 
     Sizes differ per row, so rows are built here with their own forced size tokens (the per-row `forced_hw`
@@ -40,9 +49,9 @@ def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_to
     """
     from lumina_jax.sampling import processors as P
 
-    settings = P.SamplingSettings(cfg_scale=float(guidance), image_top_k=int(image_top_k), text_top_k=10,
-                                  temperature=float(temperature), top_p=1.0, max_new_tokens=int(max_new_tokens),
-                                  constrain_size=True)
+    settings = P.SamplingSettings(cfg_scale=float(guidance), cfg_min_p=float(cfg_min_p), image_top_k=int(image_top_k),
+                                  text_top_k=10, temperature=float(temperature), top_p=1.0,
+                                  max_new_tokens=int(max_new_tokens), constrain_size=True)
     prompts, forced, headers = [], [], []
     for s in specs:
         h, w = lm.size_to_patches(s.size)
@@ -59,9 +68,9 @@ def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_to
     return [next((im for im in r.images if not isinstance(im, str)), None) for r in results]
 
 
-def evaluate(lm, scales: Sequence[float], per_split: int = 24, seed: int = 0, spec_seed: int = 1234,
+def evaluate(lm, scales: Sequence[float], per_split: int = PER_SPLIT, seed: int = 0, spec_seed: int = 1234,
              image_top_k: int = 16, temperature: float = 1.0, out_dir: str | None = None,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, cfg_min_p: float = 0.0) -> list[dict]:
     """Generates and scores; returns the rows of `shape_analysis.accuracy_table` (and saves PNGs to out_dir)."""
     from PIL import Image
 
@@ -72,7 +81,7 @@ def evaluate(lm, scales: Sequence[float], per_split: int = 24, seed: int = 0, sp
     results = {}
     for g in scales:
         images = generate_specs(lm, specs, g, seed=seed, image_top_k=image_top_k, temperature=temperature,
-                                progress=progress)
+                                progress=progress, cfg_min_p=cfg_min_p)
         # a missing image scores as a blank 1x1 picture: wrong on every attribute
         pairs = [(s, im if im is not None else Image.new("RGB", (1, 1))) for s, im in zip(specs, images)]
         results[g] = pairs
@@ -90,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="assembled model directory (default: the shipped demo weights, lumina_jax/demo_weights)")
     p.add_argument("--guidance", default="1,3", help="comma-separated guidance (cfg) scales to evaluate")
-    p.add_argument("--per-split", type=int, default=24,
-                   help="prompts of seen and of held-out colour-shape combinations (each)")
+    p.add_argument("--per-split", type=int, default=PER_SPLIT,
+                   help="prompts of seen and of held-out colour-shape combinations (each; one image is "
+                        "100/N points of a split's accuracy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt i: seed + i)")
     p.add_argument("--spec-seed", type=int, default=1234, help="seed that picks the evaluation prompts")
     p.add_argument("--image-top-k", type=int, default=16, help="top-k over image codes")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--cfg-min-p", type=float, default=DEMO_CFG_MIN_P,
+                   help="with guidance, sample only codes whose conditional probability is at least this share "
+                        "of the top code's (0 = guidance as the reference)")
     p.add_argument("--out", default=None, help="also save every generated image under OUT/guidance<g>/")
     p.add_argument("--json", default=None, help="also write the table rows to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -111,15 +124,17 @@ def main(argv=None) -> int:
         scales = parse_scales(args.guidance)
         if args.per_split < 1:
             raise ValueError(f"--per-split {args.per_split}: must be >= 1")
+        if not 0.0 <= args.cfg_min_p < 1.0:
+            raise ValueError(f"--cfg-min-p {args.cfg_min_p}: must be in [0, 1)")
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
     except (ValueError, InferenceError) as e:
         print(f"lumina_jax.eval.shapes: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     rows = evaluate(lm, scales, args.per_split, args.seed, args.spec_seed, args.image_top_k, args.temperature,
-                    args.out, progress=not args.quiet)
+                    args.out, progress=not args.quiet, cfg_min_p=args.cfg_min_p)
     print(f"checkpoint {lm.directory}, target size {lm.target_size}, image top-k {args.image_top_k}, "
-          f"temperature {args.temperature:g}, {time.perf_counter() - t0:.0f} s")
+          f"temperature {args.temperature:g}, cfg min-p {args.cfg_min_p:g}, {time.perf_counter() - t0:.0f} s")
     print(format_table(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
