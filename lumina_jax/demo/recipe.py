@@ -55,7 +55,7 @@ class RecipePreset:
 
 
 PRESETS = {
-    # The shipped model: 80 CPU-min, 54 min wall on 2 cores (docs/demo_recipe.md has the stage times).
+    # The shipped model: 82 CPU-min, 55 min wall on 2 cores (docs/demo_recipe.md has the stage times).
     "full": RecipePreset(items_stage1=6000, items_stage2=12000, vqgan_flags=("--steps", "3000", "--batch-pixels", "16384", "--n-embed", "512", "--ch", "32",
                                       "--norm-groups", "8", "--codebook-update", "ema",
                                       "--eval-target-sizes", "128", "--eval-per-size", "2"),
