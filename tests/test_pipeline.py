@@ -183,3 +183,48 @@ def test_data_config_parsing(data, tmp_path):
             DataConfig.from_yaml(str(bad))
     with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
         make_train_iterator({"META": [{"path": str(tmp_path)}]}, seq_len=8, batch_size=1, seed=0)
+
+
+_FIRST_ACCESS_FROM_THREADS = """
+import sys, threading
+from lumina_jax.data.records import PretokenizedDataset
+ds = [PretokenizedDataset(sys.argv[1]) for _ in range(4)]
+out, barrier = [], threading.Barrier(8)
+def read(k):
+    barrier.wait()
+    out.append(int(ds[k % 4][k]["tokens"].size))
+threads = [threading.Thread(target=read, args=(k,)) for k in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(out))
+"""
+
+_PIPELINE_OPENS_IN_CALLING_THREAD = """
+import sys
+from lumina_jax.data.pipeline import make_train_dataset
+ds = make_train_dataset({"META": [{"path": sys.argv[1]}]}, seq_len=32, batch_size=2, seed=0)
+assert "tensorflow_datasets" in sys.modules, "the sources were not opened before the pipeline ran"
+batch = next(iter(ds))
+print(batch["inputs"].shape)
+"""
+
+
+def test_first_reads_from_many_threads_do_not_deadlock(tmp_path):
+    """A fresh process opening datasets first from eight threads at once, as grain's prefetch threads do.
+    train.py once hung at its first batch: four prefetch threads imported tensorflow_datasets at the same
+    time and its lazy imports deadlocked. Opening now takes a process-wide lock, and the pipeline opens every
+    source before it starts (the thread race itself does not reproduce reliably here)."""
+    import subprocess
+    import sys
+
+    write_dataset(str(tmp_path / "d"), [(np.arange(3 + i), np.arange(3 + i)) for i in range(8)])
+    res = subprocess.run([sys.executable, "-c", _FIRST_ACCESS_FROM_THREADS, str(tmp_path / "d")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-1] == "8"
+    # the training pipeline opens (and so imports tensorflow_datasets) in the calling thread, before any
+    # prefetch thread starts
+    res = subprocess.run([sys.executable, "-c", _PIPELINE_OPENS_IN_CALLING_THREAD, str(tmp_path / "d")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "(2, 32)"

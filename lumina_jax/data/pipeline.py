@@ -166,6 +166,8 @@ def make_train_dataset(data_config, seq_len: int, batch_size: int, seed: int, sh
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
     sources = [PretokenizedDataset(s.path) for s in cfg.sources]
+    for src in sources:  # open here, in the calling thread, not first in grain's prefetch threads
+        src.open()
     schedule = EpochSchedule(sources, [s.ratio for s in cfg.sources], seed, shard_index, shard_count,
                              num_epochs or DEFAULT_EPOCHS, group=1 if packing else batch_size,
                              bucket_window=bucket_window)

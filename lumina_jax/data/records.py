@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +21,9 @@ SPLIT = "train"
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 INDEX_FILE = "record_index.npz"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: fast random access (tfds uses the same)
+# Opening a source imports tensorflow_datasets, whose lazy imports deadlock when several threads (grain's
+# prefetch threads) run them for the first time at once; one lock for every dataset of the process.
+_OPEN_LOCK = threading.Lock()
 
 
 def features():
@@ -102,20 +106,25 @@ class PretokenizedDataset:
             self.lengths = z["lengths"]
         self._source = None
 
-    def _open(self):
+    def open(self):
+        """The tfds data source (opened once, under a process-wide lock; safe from any thread)."""
         if self._source is None:
-            import tensorflow_datasets as tfds
+            with _OPEN_LOCK:
+                if self._source is None:
+                    import tensorflow_datasets as tfds
 
-            self._source = tfds.builder_from_directory(self.directory).as_data_source(split=SPLIT)
-            if len(self._source) != len(self.ids):
-                raise ValueError(f"{self.directory}: {len(self._source)} records but {len(self.ids)} in {INDEX_FILE}")
+                    source = tfds.builder_from_directory(self.directory).as_data_source(split=SPLIT)
+                    if len(source) != len(self.ids):
+                        raise ValueError(f"{self.directory}: {len(source)} records but {len(self.ids)} in "
+                                         f"{INDEX_FILE}")
+                    self._source = source
         return self._source
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     def __getitem__(self, i: int) -> dict:
-        r = self._open()[int(i)]
+        r = self.open()[int(i)]
         return {"tokens": np.asarray(r["tokens"], np.int32), "labels": np.asarray(r["labels"], np.int32),
                 "id": int(r["id"])}
 
