@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lumina_jax.config import get_config
-from lumina_jax.models.chameleon import Chameleon, init_params
+from lumina_jax.models.chameleon import Chameleon, init_params, unstack_layers
 from lumina_jax.sampling import processors as P
 from lumina_jax.sampling.decode import ChameleonDecodeModel
 from lumina_jax.sampling.generate import generate_tokens, size_table_from_crops, split_generation
@@ -26,12 +26,13 @@ CROPS = [(64, 32), (32, 64), (32, 32), (96, 32), (64, 64)]  # (W, H) in px: 32-p
 
 @pytest.fixture(scope="module")
 def tiny():
+    """(config, params) of the scanned tiny model (the full-forward reference) and of its decoding layout."""
     cfg = get_config("tiny")
     params = init_params(cfg, 0)
     # sharpen the output layer so sampling is far from uniform (more informative comparisons)
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * 40.0 if "lm_head" in jax.tree_util.keystr(p) else x, params)
-    return cfg, params
+    return cfg, params, cfg.replace(scan_layers=False), unstack_layers(params)
 
 
 class BiasedModel(ChameleonDecodeModel):
@@ -57,7 +58,7 @@ def _full_logits(cfg, params, seqs):
 
 
 def test_cached_logits_and_guidance_match_full_forward(tiny):
-    cfg, params = tiny
+    cfg, params, dcfg, dparams = tiny
     rng = np.random.default_rng(0)
     text = lambda n: rng.integers(300, 500, n).tolist()
     prompts = [
@@ -68,7 +69,7 @@ def test_cached_logits_and_guidance_match_full_forward(tiny):
     ]
     g = 3.0
     s = P.SamplingSettings(cfg_scale=g, image_top_k=50, text_top_k=20, max_new_tokens=40)
-    rows, rec = generate_tokens(BiasedModel(cfg), params, prompts, seeds=[0, 1, 2, 3], settings=s, ids=IDS,
+    rows, rec = generate_tokens(BiasedModel(dcfg), dparams, prompts, seeds=[0, 1, 2, 3], settings=s, ids=IDS,
                                 size_table=size_table_from_crops(CROPS), record="full")
     seqs = [p + r.tokens for p, r in zip(prompts, rows)]
     full = _full_logits(cfg, params, seqs)
@@ -119,7 +120,7 @@ def _check_structure(prompt, row, ids=IDS):
 @pytest.mark.parametrize("cfg_scale", [4.0, 1.0])
 def test_structure_sizes_and_batch_independence(tiny, cfg_scale):
     """Valid layouts with the requested sizes; with guidance also: a row alone == in a batch; seeds."""
-    cfg, params = tiny
+    _, _, cfg, params = tiny
     model = ChameleonDecodeModel(cfg)
     rng = np.random.default_rng(1)
     text = lambda n: rng.integers(300, 500, n).tolist()
@@ -147,7 +148,7 @@ def test_structure_sizes_and_batch_independence(tiny, cfg_scale):
 
 
 def test_length_limit_reports_unfinished_image(tiny):
-    cfg, params = tiny
+    _, _, cfg, params = tiny
     # same settings and shapes as the single-row calls above (one compilation)
     s = P.SamplingSettings(cfg_scale=4.0, image_top_k=30, text_top_k=5, max_new_tokens=30)
     prompt = [0, 300, IDS.end_of_turn, IDS.image_start]
@@ -158,3 +159,4 @@ def test_length_limit_reports_unfinished_image(tiny):
     assert r.unfinished_image == {"h": 3, "w": 3, "body_tokens": 28}
     segs = split_generation(prompt[-1:] + r.tokens, IDS)
     assert segs.images == [] and segs.unfinished is not None and len(segs.unfinished) == 31
+

@@ -1,10 +1,11 @@
-"""Prefill + one jitted `lax.while_loop` over a model callback, with guidance rows in the same batch.
+"""Prefill + one jitted `lax.while_loop` over the decoder's own forward, with guidance rows in the same batch.
 
-Rows 0..B-1 are the conditional sequences. With guidance (cfg != 1) rows B..2B-1 are their unconditional
-twins: while row b is outside an image its twin idles; when row b emits (or its prompt ends inside)
-<racm3:break>, the twin restarts at cache slot 0 / position 0 and from then on is fed the same tokens, so
-when row b holds [.., 8197, h, w, ..] its twin holds [8197, h, w, ..] at positions 0, 1, 2, .. (spec §7.2).
-All per-row decisions come from `processors.RowState`; the KV cache is static and preallocated.
+Rows 0..B-1 are the conditional sequences. With guidance (cfg_scale != 1) rows B..2B-1 are their
+unconditional twins: while row b is outside an image its twin idles; when row b emits (or its prompt ends
+inside) <racm3:break>, the twin restarts at cache slot 0 / position 0 and from then on is fed the same tokens,
+so when row b holds [.., <racm3:break>, h, w, ..] its twin holds [<racm3:break>, h, w, ..] at positions 0, 1,
+2, .. (the whole context of the reference's unconditional branch). All per-row decisions come from
+`processors.RowState`; the KV cache is the decoder's static, preallocated per-layer cache.
 
 Each step projects the hidden states onto the image ids only; the full-vocabulary projection (and its
 processing) runs under `lax.cond` only when some row is outside an image body.
@@ -17,11 +18,18 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 import jax
 import jax.numpy as jnp
 
+from lumina_jax.config import ChameleonConfig
+from lumina_jax.models.attention import init_cache
+from lumina_jax.models.chameleon import Chameleon, compute_logits, lm_head_kernel, project_logits
 from lumina_jax.sampling import processors as P
 
 
 class DecodeModel(Protocol):
-    """What the loop needs from a model (all methods traceable; the object must be hashable)."""
+    """What the loop needs from a model (all methods traceable; the object must be hashable).
+
+    `ChameleonDecodeModel` is the one implementation; the protocol lets tests drive the loop with a model
+    whose logits are shifted on purpose (e.g. towards opening images).
+    """
 
     def init_cache(self, batch: int, length: int) -> Any: ...
 
@@ -40,60 +48,33 @@ class DecodeModel(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ChameleonDecodeModel:
-    """`DecodeModel` for the Chameleon decoder, driven layer by layer with the decoder's own modules.
+    """`DecodeModel` of the Chameleon decoder: `Chameleon.__call__` with its per-layer KV cache.
 
-    The cache is a tuple of per-layer `KVCache`s (B, S, K, H) rather than one stacked (L, B, S, K, H)
-    array, so each step updates every layer's buffer in place inside the loop; run through the scanned
-    model, each step re-materialises the whole stacked cache (several full copies per token). Parameters
-    may be scanned (`layers`, sliced per layer each step) or unstacked (`layers_0`, ... as loaded with
-    `scan_layers=False`: no per-step weight copies, the recommended layout for decoding).
+    Parameters are the unscanned layout (`scan_layers=False`, as `Lumina.load` and `unstack_layers` give):
+    the decode loop then updates one cache buffer per layer in place and slices no weights per step.
     """
 
-    config: Any  # ChameleonConfig (frozen, hashable)
+    config: ChameleonConfig  # scan_layers=False (the decoder refuses a cache with scanned layers)
 
     def init_cache(self, batch, length):
-        import flax.linen as nn
-
-        from lumina_jax.models.attention import CACHE_LAYER_AXES, KVCache
-
-        cfg = self.config
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-
-        def zeros():
-            return nn.with_logical_constraint(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_LAYER_AXES)
-
-        return tuple(KVCache(k=zeros(), v=zeros()) for _ in range(cfg.num_layers))
-
-    def _layer_params(self, params, i):
-        if "layers" in params:
-            return jax.tree.map(lambda x: x[i], params["layers"])
-        return params[f"layers_{i}"]
+        return init_cache(self.config, batch, length)
 
     def forward(self, params, tokens, positions, cache, cache_index):
-        from lumina_jax.models.chameleon import DecoderBlock, Embedding, RMSNorm
-
-        cfg = self.config
-        x = Embedding(cfg).apply({"params": params["embed_tokens"]}, tokens)
-        new_cache = []
-        for i, layer_cache in enumerate(cache):
-            x, layer_cache = DecoderBlock(cfg).apply({"params": self._layer_params(params, i)}, x, layer_cache,
-                                                     positions, None, cache_index)
-            new_cache.append(layer_cache)
-        norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
-        return norm.apply({"params": params["norm"]}, x), tuple(new_cache)
+        model = Chameleon(self.config.replace(remat_policy="none"))  # remat only matters under a gradient
+        return model.apply({"params": params}, tokens, positions=positions, cache=cache, cache_index=cache_index,
+                           return_hidden=True)
 
     def logits(self, params, hidden):
-        from lumina_jax.models.chameleon import compute_logits
-
-        return compute_logits(params, hidden[:, None, :], self.config)[:, 0, :].astype(jnp.float32)
+        return compute_logits(params, hidden[:, None], self.config)[:, 0].astype(jnp.float32)
 
     def slice_head(self, params, vocab_slice):
-        # sliced once, outside the loop (a slice inside the loop body would copy D x 8192 weights per step)
-        return params["lm_head"]["kernel"][:, vocab_slice[0]:vocab_slice[1]].astype(self.config.dtype)
+        return vocab_slice, lm_head_kernel(params, self.config, vocab_slice)
 
     def slice_logits(self, head, hidden):
-        # as compute_logits: compute dtype, float32 accumulation; the image-logit mask is never applied here
-        return jnp.einsum("rd,dv->rv", hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
+        # image ids are what the loop samples here, so the model's optional image-logit mask does not apply
+        vocab_slice, kernel = head
+        cfg = self.config.replace(mask_image_logits=False)
+        return project_logits(kernel, hidden[:, None], cfg, vocab_slice)[:, 0].astype(jnp.float32)
 
 
 class DecodeInputs(NamedTuple):
