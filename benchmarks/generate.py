@@ -183,15 +183,17 @@ def load_ours(model, tmp):
 
 
 def run_ours(cfg, params, prompts, max_new, args):
-    from lumina_jax.sampling import processors as P
+    from lumina_jax.sampling import processors
     from lumina_jax.sampling.decode import ChameleonDecodeModel
     from lumina_jax.sampling.generate import generate_tokens
+    from lumina_jax.tokenizer import SpecialIds
 
-    s = P.SamplingSettings(cfg_scale=args.cfg, image_top_k=args.image_top_k, text_top_k=args.text_top_k,
-                           max_new_tokens=max_new, constrain_size=False)
+    s = processors.SamplingSettings(cfg_scale=args.cfg, image_top_k=args.image_top_k, text_top_k=args.text_top_k,
+                                    max_new_tokens=max_new, constrain_size=False)
+    ids = processors.TokenIds.from_special_ids(SpecialIds.from_layout(IMG_HI - IMG_LO, VOCAB), VOCAB)
     t0, c0 = time.perf_counter(), time.process_time()
     rows = generate_tokens(ChameleonDecodeModel(cfg), params, prompts, seeds=list(range(len(prompts))),
-                           settings=s, ids=P.TokenIds())
+                           settings=s, ids=ids)
     return rows, time.perf_counter() - t0, time.process_time() - c0
 
 

@@ -108,6 +108,11 @@ class Lumina:
             cfg = cfg.replace(scan_layers=False, **({"dtype": dtype} if dtype else {}))
             tok = TextTokenizer.load(str(directory / manifest["tokenizer"]))
             special = SpecialIds.from_tokenizer(tok)
+            try:  # the decoder config's image range and vocabulary must agree with the tokenizer's ids
+                special.check_image_range(cfg.image_token_start, cfg.image_token_end, str(dec_dir / "config.json"))
+                P.TokenIds.from_special_ids(special, cfg.vocab_size)
+            except ValueError as e:
+                raise InferenceError(f"{directory}: decoder and tokenizer disagree: {e}") from None
             from lumina_jax import sharding as S
 
             if mesh is None:

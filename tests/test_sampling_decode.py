@@ -14,13 +14,9 @@ from lumina_jax.sampling.generate import generate_tokens, size_table_from_crops,
 from lumina_jax.tokenizer import SpecialIds
 from lumina_jax.unirep import unirep_to_codes
 
-# tiny vocabulary (512): image ids 4..259, then the specials
-IDS = P.TokenIds(image_start=261, image_end=260, new_line=263, size_base=264, end_of_turn=262,
-                 image_first=4, image_last=260, vocab_size=512)
-SPECIAL = SpecialIds(bos=0, pad=1, eos=2, image_start=261, image_end=260, end_of_turn=262, new_line=263,
-                     size_base=264, max_size_patches=16, img2bpe=np.arange(256, dtype=np.int32) + 4,
-                     bpe2img=np.where((np.arange(512) >= 4) & (np.arange(512) < 260), np.arange(512) - 4, -1).astype(np.int32),
-                     image_ids_are_offset=True)
+# tiny vocabulary (512): image ids 4..259, then the specials (the compact layout of lumina_jax.tokenizer)
+SPECIAL = SpecialIds.from_layout(256, 512, compact=True)
+IDS = P.TokenIds.from_special_ids(SPECIAL, 512)
 CROPS = [(64, 32), (32, 64), (32, 32), (96, 32), (64, 64)]  # (W, H) in px: 32-px patches
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from lumina_jax.sampling import processors as P
+from lumina_jax.tokenizer import SpecialIds
 
 # A small vocabulary with the same structure as Chameleon's (contiguous image ids, specials after them).
-IDS = P.TokenIds(image_start=261, image_end=260, new_line=263, size_base=264, end_of_turn=262,
-                 image_first=4, image_last=260, vocab_size=400)
+IDS = P.TokenIds.from_special_ids(SpecialIds.from_layout(256, 400, compact=True), 400)
 NEG = -np.inf
 
 

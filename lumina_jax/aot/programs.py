@@ -24,6 +24,7 @@ from lumina_jax.models.attention import init_cache
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
 from lumina_jax.sampling.generate import prepare_inputs, size_table_from_crops
+from lumina_jax.tokenizer import SpecialIds, layout_vocab_size
 from lumina_jax.unirep import crop_size_list, unirep_length
 
 
@@ -127,15 +128,15 @@ def lower_train(cfg: Any, mesh: jax.sharding.Mesh) -> Program:
     )
 
 
-def token_ids_for(cfg: ChameleonConfig):
-    """The sampler's special ids: Chameleon's for the full vocabulary, a compact layout for tiny test models."""
-    from lumina_jax.sampling.processors import TokenIds
-
-    if cfg.vocab_size >= TokenIds().vocab_size:
-        return TokenIds(vocab_size=cfg.vocab_size)
-    end = cfg.image_token_end
-    return TokenIds(image_start=end + 1, image_end=end, new_line=end + 3, size_base=end + 4, end_of_turn=end + 2,
-                    image_first=cfg.image_token_start, image_last=end, vocab_size=cfg.vocab_size)
+def token_ids_for(cfg: ChameleonConfig) -> processors.TokenIds:
+    """The sampler's ids for a decoder config without a tokenizer: Chameleon's layout with the config's image
+    codes (Chameleon's own ids for the published models), or the compact layout when the vocabulary is too
+    small for the reserved block (the tiny test models)."""
+    n = cfg.image_token_end - cfg.image_token_start
+    compact = cfg.vocab_size < layout_vocab_size(n)
+    special = SpecialIds.from_layout(n, cfg.vocab_size, compact=compact)
+    special.check_image_range(cfg.image_token_start, cfg.image_token_end, "model config")
+    return processors.TokenIds.from_special_ids(special, cfg.vocab_size)
 
 
 def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sharding.Mesh, rules_name: str) -> Program:

@@ -1,9 +1,12 @@
 """Token-level generation: prompts (id lists) in; generated ids, text-with-placeholders and images out.
 
+    special = SpecialIds.from_tokenizer(text_tokenizer)
+    ids = TokenIds.from_special_ids(special, config.vocab_size)
     rows = generate_tokens(model, params, [prompt_ids, ...], seeds=[0, 1], settings=SamplingSettings(...),
-                           ids=TokenIds(), size_table=size_table_from_crops(crop_size_list(512)))
+                           ids=ids, size_table=size_table_from_crops(crop_size_list(512)))
     parts = split_generation(rows[0].tokens, ids)   # text ids with one placeholder per image, image tokens
-    images = decode_images([p for r in rows for p in split_generation(r.tokens, ids).images], tok, special)
+    images = decode_images([p for r in rows for p in split_generation(r.tokens, ids).images], image_tokenizer,
+                           special)
 
 Prompts of different lengths share one batch (right-padded; each row's cache index starts at its own length).
 A row's randomness depends only on its seed and its own step count, never on the rest of the batch.

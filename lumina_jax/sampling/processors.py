@@ -42,20 +42,25 @@ NEG_INF = -jnp.inf
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
-    """The token ids the sampler acts on (Chameleon / Lumina-mGPT values by default, spec §3)."""
+    """The token ids the sampler acts on: a hashable view (static under jit) of the tokenizer's `SpecialIds`,
+    built with `from_special_ids`; `lumina_jax.tokenizer` is the one table of special ids."""
 
-    image_start: int = 8197  # <racm3:break>
-    image_end: int = 8196  # <eoss>
-    new_line: int = 8803  # UniRep end of row
-    size_base: int = 8804  # size token id = size_base + patches of 32 px
-    end_of_turn: int = 8710  # <reserved08706>: stops generation
-    image_first: int = 4  # first image-code id (inclusive)
-    image_last: int = 8196  # last image-code id (exclusive)
-    vocab_size: int = 65536  # logits width
+    image_start: int  # <racm3:break>
+    image_end: int  # <eoss>
+    new_line: int  # UniRep end of row
+    size_base: int  # size token id = size_base + patches of 32 px
+    end_of_turn: int  # stops generation
+    image_first: int  # first image-code id (inclusive)
+    image_last: int  # last image-code id (exclusive)
+    vocab_size: int  # logits width (the decoder's vocab_size)
 
     def __post_init__(self):
         if not 0 <= self.image_first < self.image_last <= self.vocab_size:
             raise ValueError(f"TokenIds: image id range [{self.image_first}, {self.image_last}) outside the vocabulary")
+        for name in ("image_start", "image_end", "new_line", "size_base", "end_of_turn"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"TokenIds: {name}={getattr(self, name)} is outside the decoder's vocabulary of "
+                                 f"{self.vocab_size} ids")
 
     @property
     def num_image_ids(self) -> int:
