@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from lumina_jax import checkpoint
-from lumina_jax.sampling import processors as P
+from lumina_jax.sampling import processors
 from lumina_jax.tasks import get_task
 
 # The shipped demo model (`python -m lumina_jax.demo.recipe`), used when no checkpoint is given.
@@ -80,7 +80,7 @@ class Lumina:
         self.target_size, self.mesh, self.rules = target_size, mesh, rules
         self.crop_sizes = crop_size_list(target_size)
         self.model = ChameleonDecodeModel(decoder_config)
-        self.ids = P.TokenIds.from_special_ids(special, decoder_config.vocab_size)
+        self.ids = processors.TokenIds.from_special_ids(special, decoder_config.vocab_size)
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -110,7 +110,7 @@ class Lumina:
             special = SpecialIds.from_tokenizer(tok)
             try:  # the decoder config's image range and vocabulary must agree with the tokenizer's ids
                 special.check_image_range(cfg.image_token_start, cfg.image_token_end, str(dec_dir / "config.json"))
-                P.TokenIds.from_special_ids(special, cfg.vocab_size)
+                processors.TokenIds.from_special_ids(special, cfg.vocab_size)
             except ValueError as e:
                 raise InferenceError(f"{directory}: decoder and tokenizer disagree: {e}") from None
             from lumina_jax import sharding as S
@@ -213,7 +213,7 @@ class Lumina:
         if num_images < 1:
             raise InferenceError(f"num_images must be >= 1, got {num_images}")
         try:
-            settings = P.SamplingSettings(
+            settings = processors.SamplingSettings(
                 cfg_scale=preset.cfg if cfg is None else float(cfg), cfg_min_p=float(cfg_min_p),
                 image_top_k=preset.image_top_k if image_top_k is None else int(image_top_k),
                 text_top_k=preset.text_top_k if text_top_k is None else int(text_top_k),

@@ -19,7 +19,6 @@ sys.path.insert(0, str(REPO))
 import infer  # noqa: E402
 from lumina_jax.convert.__main__ import main as convert_main  # noqa: E402
 from lumina_jax.inference import InferenceError, Lumina  # noqa: E402
-from lumina_jax.sampling import processors as P  # noqa: E402
 from lumina_jax.sampling.generate import split_generation  # noqa: E402
 from lumina_jax.testing.tokenizer import write_text_tokenizer_json  # noqa: E402
 from lumina_jax.testing.vqgan import tiny_vqgan_config, write_lightning_vqgan  # noqa: E402

@@ -357,15 +357,3 @@ def choose_tokens(body_logits: jax.Array, other_logits: jax.Array | None, state:
         tok = jnp.where(phase(state) == BODY, tok, other)
     return tok
 
-
-def scores_full(body_logits: jax.Array, other_logits: jax.Array, state: RowState, ids: TokenIds) -> jax.Array:
-    """The processed scores as one (B, V) array, as the reference's processors would return them.
-
-    For inspection and tests; forced steps give 0 at the forced id and -inf elsewhere.
-    """
-    B, V = other_logits.shape
-    body = jnp.full((B, V), NEG_INF).at[:, ids.image_first:ids.image_last].set(body_logits)
-    forced = forced_token(state, ids)
-    only = jnp.where(jnp.arange(V)[None, :] == forced[:, None], 0.0, NEG_INF)
-    body = jnp.where((forced >= 0)[:, None], only, body)
-    return jnp.where((phase(state) == BODY)[:, None], body, other_logits)
