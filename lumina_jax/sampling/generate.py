@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lumina_jax.image_tokenizer import map_batched_by_shape
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import DecodeInputs, DecodeModel, decode_jit, progress_listener
+from lumina_jax.unirep import UniRepError, unirep_to_codes
 
 PROMPT_BUCKET = 64  # prompt lengths are padded to a multiple of this, so similar prompts share one compilation
 
@@ -170,21 +172,15 @@ def decode_images(image_tokens: Sequence[Sequence[int]], image_tokenizer, specia
 
     An image with a broken layout gives a `UniRepError` string in its place instead of an image.
     """
-    from lumina_jax.unirep import UniRepError, unirep_to_codes
-
     out: list[Any] = [None] * len(image_tokens)
-    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    valid, grids = [], []
     for i, t in enumerate(image_tokens):
         try:
-            codes, _, _ = unirep_to_codes(t, special)
+            grids.append(unirep_to_codes(t, special)[0])
+            valid.append(i)
         except UniRepError as e:
             out[i] = f"invalid image: {e}"
-            continue
-        groups.setdefault(codes.shape, []).append((i, codes))
-    for items in groups.values():
-        for s in range(0, len(items), max_batch):
-            chunk = items[s:s + max_batch]
-            pils = image_tokenizer.decode_to_pil(np.stack([c for _, c in chunk]))
-            for (i, _), im in zip(chunk, pils):
-                out[i] = im
+    decode = lambda chunk: image_tokenizer.decode_to_pil(np.stack(chunk))
+    for i, im in zip(valid, map_batched_by_shape(grids, lambda c: c.shape, decode, max_batch)):
+        out[i] = im
     return out

@@ -399,30 +399,29 @@ def evaluate(tokenizer, pairs: Sequence[tuple[Any, Any]], progress: bool = False
 
     `pairs` are (ShapeSpec, PIL image). Images of the same size are encoded together.
     """
+    from PIL import Image
     from tqdm import tqdm
 
     from lumina_jax.eval.shape_analysis import accuracy
-    from lumina_jax.image_tokenizer import preprocess, to_uint8
+    from lumina_jax.image_tokenizer import map_batched_by_shape, preprocess, to_uint8
 
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, (spec, _) in enumerate(pairs):
-        by_size.setdefault(spec.size, []).append(i)
-    recon: list[Any] = [None] * len(pairs)
-    codes_all, abs_err, sq_err, npix = [], 0.0, 0.0, 0
-    from PIL import Image
+    bar = tqdm(total=len(pairs), desc="eval images", disable=not progress)
 
-    for size, idx in tqdm(by_size.items(), desc="eval sizes", disable=not progress):
-        x = np.stack([preprocess(pairs[i][1]) for i in idx])
+    def reconstruct(chunk):
+        """(codes, reconstruction, |error| sum, error^2 sum, values) per image of one size."""
+        x = np.stack([preprocess(im) for _, im in chunk])
         codes = np.asarray(tokenizer.encode(x))
         out = to_uint8(np.asarray(tokenizer.decode(codes)))
-        codes_all.append(codes.reshape(-1))
-        ref = ((x + 1) * 127.5).round()
-        abs_err += float(np.abs(out.astype(np.float64) - ref).sum())
-        sq_err += float(np.square(out.astype(np.float64) - ref).sum())
-        npix += ref.size
-        for j, i in enumerate(idx):
-            recon[i] = Image.fromarray(out[j])
-    codes = np.concatenate(codes_all)
+        err = out.astype(np.float64) - ((x + 1) * 127.5).round()
+        bar.update(len(chunk))
+        return [(c.reshape(-1), Image.fromarray(o), float(np.abs(e).sum()), float(np.square(e).sum()), e.size)
+                for c, o, e in zip(codes, out, err)]
+
+    per_image = map_batched_by_shape(list(pairs), lambda pair: pair[0].size, reconstruct)
+    bar.close()
+    recon = [r[1] for r in per_image]
+    abs_err, sq_err, npix = (sum(r[k] for r in per_image) for k in (2, 3, 4))
+    codes = np.concatenate([r[0] for r in per_image])
     n = tokenizer.config.n_embed
     freq = np.bincount(codes, minlength=n) / codes.size
     nz = freq[freq > 0]
