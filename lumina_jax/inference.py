@@ -187,7 +187,7 @@ class Lumina:
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Any], *, task: str = "t2i", images: Sequence[Sequence[Any]] | None = None,
-                 size: tuple[int, int] | str | None = None, cfg: float | None = None, cfg_min_p: float = 0.0,
+                 size: tuple[int, int] | str | None = None, guidance: float | None = None, cfg_min_p: float = 0.0,
                  image_top_k: int | None = None, text_top_k: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, num_images: int = 1, max_new_tokens: int = 8192,
                  constrain_size: bool = True, open_image: bool | None = None, progress: bool = True,
@@ -196,7 +196,8 @@ class Lumina:
 
         `size` (W, H) forces the size tokens (and fills the t2i template); without it the size tokens are
         limited to the crop list of the target size (`constrain_size=False`: unconstrained, as the reference).
-        `cfg`, `image_top_k`, `text_top_k` default to the task preset's values. `cfg_min_p` > 0 limits guided
+        `guidance` (the classifier-free guidance scale, 1 = off), `image_top_k`, `text_top_k` default to the
+        task preset's values. `cfg_min_p` > 0 limits guided
         image steps to codes with conditional probability >= cfg_min_p x the top one's (`SamplingSettings`).
         `open_image` (default: the preset's `answer_is_image`) ends the prompt with <racm3:break> (and the size
         tokens when `size` is given); `token_ids` and `text` of the results include those tokens.
@@ -214,7 +215,7 @@ class Lumina:
             raise InferenceError(f"num_images must be >= 1, got {num_images}")
         try:
             settings = processors.SamplingSettings(
-                cfg_scale=preset.cfg if cfg is None else float(cfg), cfg_min_p=float(cfg_min_p),
+                cfg_scale=preset.guidance if guidance is None else float(guidance), cfg_min_p=float(cfg_min_p),
                 image_top_k=preset.image_top_k if image_top_k is None else int(image_top_k),
                 text_top_k=preset.text_top_k if text_top_k is None else int(text_top_k),
                 temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),

@@ -25,7 +25,7 @@ def test_shipped_checkpoint_is_small_and_complete():
 
 
 def _generate(demo, spec):
-    res = demo.generate([spec.caption], size=spec.size, cfg=3.0, cfg_min_p=DEMO_CFG_MIN_P, image_top_k=16, seed=0,
+    res = demo.generate([spec.caption], size=spec.size, guidance=3.0, cfg_min_p=DEMO_CFG_MIN_P, image_top_k=16, seed=0,
                         max_new_tokens=128, progress=False)
     assert res[0].stopped == "end_of_turn" and len(res[0].images) == 1
     return res[0].images[0]

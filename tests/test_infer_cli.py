@@ -96,7 +96,7 @@ def test_cli_text_to_image_writes_pngs_and_sidecars(model_dir, tmp_path, capsys)
 def test_api_sharded_matches_one_device_and_structure(model_dir):
     lm = Lumina.load(model_dir)
     # the CLI test's settings and batch shape (one compilation shared in this process), a non-square size
-    kw = dict(task="t2i", size=(32, 64), cfg=3.0, image_top_k=500, seed=7, num_images=2, max_new_tokens=24,
+    kw = dict(task="t2i", size=(32, 64), guidance=3.0, image_top_k=500, seed=7, num_images=2, max_new_tokens=24,
               progress=False, decode_images=False)
     prompts = ["a cat", "a dog sleeping on a sofa in the afternoon sun"]  # different prompt lengths
     one = lm.generate(prompts, **kw)
