@@ -129,6 +129,27 @@ def test_ragged_prompts_and_row_restart():
         idx += 1
 
 
+def test_several_tokens_per_row_at_each_rows_own_slots():
+    """Calls that feed T > 1 tokens per row at different per-row slots (as a verifier of drafted tokens would)
+    give each row the logits of its own full forward."""
+    cfg = TINY
+    params = random_params(cfg, 8)
+    seqs = tokens_for(cfg, (2, 16), 9)
+    full = np.asarray(full_forward(cfg)(params, seqs))
+    cfg, params = decoding(cfg), C.unstack_layers(params)
+    step = cached_forward(cfg)
+    cache = C.init_cache(cfg, 2, 16)
+    _, cache = step(params, seqs[:, :6], cache, jnp.zeros((2,), jnp.int32), None)  # row 1 keeps only 4 of these
+    idx = np.array([6, 4], np.int32)
+    for n in (3, 2, 3):
+        toks = jnp.stack([seqs[b, idx[b]:idx[b] + n] for b in range(2)])
+        logits, cache = step(params, toks, cache, jnp.asarray(idx), None)
+        for b in range(2):
+            np.testing.assert_allclose(np.asarray(logits[b]), full[b, idx[b]:idx[b] + n], atol=ATOL, rtol=ATOL,
+                                       err_msg=f"row {b} slots {idx[b]}..{idx[b] + n - 1}")
+        idx += n
+
+
 def test_bf16_cache_and_errors():
     cfg = decoding(TINY.replace(dtype="bfloat16"))
     cache = C.init_cache(cfg, 2, 8)
