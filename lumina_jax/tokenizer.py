@@ -118,6 +118,11 @@ class TextTokenizer:
         return self._impl.DecodeIds(ids)
 
 
+def image_token_name(code: int) -> str:
+    """Vocabulary name of image code `code`: digits written as letters A..J, framed by IMGIMG ... Z."""
+    return IMAGE_NAME_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
 def parse_image_token_name(name: str) -> int:
     """Image code of a vocabulary name `IMGIMG<letters A..J>Z` (letters are digits 0..9; the last char is dropped)."""
     body = name[len(IMAGE_NAME_PREFIX):-1]

@@ -13,11 +13,11 @@ import argparse
 import os
 import sys
 
+from lumina_jax.tokenizer import image_token_name
+
 
 def special_symbols(num_image_codes: int, reserved_end: int) -> list[str]:
     """User-defined symbols in id order from id 4: image codes, `<eoss>`, `<racm3:break>`, reserved names."""
-    from lumina_jax.testing.tokenizer import image_token_name
-
     syms = [image_token_name(c) for c in range(num_image_codes)] + ["<eoss>", "<racm3:break>"]
     # Reserved names keep their meaning (`<reserved08706>` = end of turn, 088xx = sizes); with 8192 codes
     # they also land at their Chameleon ids (NNNNN + 4).

@@ -11,6 +11,8 @@ import collections
 import json
 import os
 
+from lumina_jax.tokenizer import image_token_name
+
 VOCAB_SIZE = 65536
 NUM_IMAGE_CODES = 8192
 RESERVED_END = 9000  # ids 8198..8999 are `<reservedNNNNN>` added tokens (covers all size tokens up to 8804+195)
@@ -39,11 +41,6 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def image_token_name(code: int) -> str:
-    """Vocabulary name of image code `code`: digits written as letters A..J, framed by IMGIMG ... Z."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
 def _learn_merges(num_merges: int) -> list[tuple[str, str]]:
