@@ -133,7 +133,7 @@ def parse_image_token_name(name: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """Special token ids and the image-code tables, looked up once by name (spec §3).
+    """Special token ids and the image-code tables, looked up once by name (docs/reference.md#special-ids).
 
     `img2bpe[code]` is the token id of image code `code`; `bpe2img[id]` is the code of token `id` or -1.
     `image_ids_are_offset` says whether the table is the expected `id = code + image_token_start` layout.

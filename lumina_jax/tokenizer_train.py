@@ -3,8 +3,8 @@
     python -m lumina_jax.tokenizer_train --input corpus.txt --out-prefix DIR/tok --text-vocab-size 4000
 
 The model's ids 0..3 are `<s>`, `<pad>`, `</s>`, `<unk>`; then the image codes `IMGIMG...Z` (code c at c+4),
-`<eoss>`, `<racm3:break>` and `<reservedNNNNN>` at NNNNN+4, exactly as in Chameleon's vocabulary (spec §3), so
-`SpecialIds` finds the same ids; the learned text pieces follow. Byte fallback is on, so any text encodes.
+`<eoss>`, `<racm3:break>` and `<reservedNNNNN>` at NNNNN+4, exactly as in Chameleon's vocabulary
+(docs/reference.md#special-ids), so `SpecialIds` finds the same ids; the learned text pieces follow. Byte fallback is on, so any text encodes.
 Pieces are encoded without a dummy prefix space, so a conversation encoded turn by turn equals the whole.
 """
 from __future__ import annotations

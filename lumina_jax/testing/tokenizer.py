@@ -1,6 +1,6 @@
 """A Chameleon-like `text_tokenizer.json` for tests: the real special names at the real ids, tiny BPE text part.
 
-Layout (spec §3): `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `IMGIMG<letters>Z` at 4..8195 (code c at c+4),
+Layout (docs/reference.md#special-ids): `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `IMGIMG<letters>Z` at 4..8195 (code c at c+4),
 `<eoss>` 8196, `<racm3:break>` 8197, `<reservedNNNNN>` at NNNNN+4 for ids 8198..`RESERVED_END-1`, then the
 256 byte-level symbols and a few hundred BPE merges learned (deterministically) from a fixed English text,
 then filler `<reservedNNNNN>` entries up to 65,536. Building it takes well under a second.
