@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lumina_jax import tokenizer_train
-from lumina_jax.testing.tokenizer import chameleon_like_tokenizer_json, image_token_name, write_hf_tokenizer_dir, \
+from lumina_jax.testing.tokenizer import chameleon_like_tokenizer_json, write_hf_tokenizer_dir, \
     write_text_tokenizer_json
-from lumina_jax.tokenizer import SpecialIds, TextTokenizer, build_image_tables, layout_vocab_size, load_tokenizer, \
-    parse_image_token_name
+from lumina_jax.tokenizer import SpecialIds, TextTokenizer, build_image_tables, image_token_name, layout_vocab_size, \
+    load_tokenizer, parse_image_token_name
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lumina_jax" / "demo_weights" / "tokenizer" / "tok.model"
 
