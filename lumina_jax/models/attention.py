@@ -187,7 +187,8 @@ class Attention(nn.Module):
         k = checkpoint_name(k, "key_proj")
         v = checkpoint_name(v, "value_proj")
 
-        # Per-head LayerNorm before RoPE, in the Hugging Face row order (see spec 1.3.1).
+        # Per-head LayerNorm before RoPE, in the Hugging Face row order (the converted q/k kernels keep it;
+        # docs/reference.md#rope-layout-and-the-qk-permutation).
         q = HeadLayerNorm(N, cfg.q_norm_rows, cfg.qk_norm_eps, dtype, pdtype, name="q_norm")(q)
         k = HeadLayerNorm(K, cfg.k_norm_rows, cfg.qk_norm_eps, dtype, pdtype, name="k_norm")(k)
         cos, sin = rope_cos_sin(positions, H, cfg.rope_theta, dtype)

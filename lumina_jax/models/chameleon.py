@@ -10,7 +10,7 @@ decoding with a KV cache runs the unscanned `layers_0`, `layers_1`, ... layout (
 Differences from the reference (Lumina's bundled `ChameleonForConditionalGeneration`):
 - logits are projected with float32 accumulation and can be computed for a static slice of the
   vocabulary only (`compute_logits(..., vocab_slice=...)`), so training and sampling need not
-  materialise full-vocabulary float32 logits (spec 8, item 13);
+  materialise full-vocabulary float32 logits (docs/reference.md#full-sequence-fp32-logits);
 - the image-logit mask is a static `where` over an id range rather than fancy indexing with a list;
 - explicit positions and segment ids: packed sequences do not attend across examples;
 - see `attention.py` for the attention-level differences (float32 softmax, configurable q/k-norm eps).

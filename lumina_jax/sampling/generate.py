@@ -138,7 +138,7 @@ def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[
 
 @dataclasses.dataclass
 class Segments:
-    """A generated sequence split into text and images (spec §7.1 `decode_ids`)."""
+    """A generated sequence split into text and images (docs/reference.md#stopping-and-output)."""
 
     text_ids: list[int]  # text ids, with `placeholder` where each closed image was, end-of-turn dropped
     images: list[list[int]]  # UniRep tokens of each closed image, <racm3:break> .. <eoss>
