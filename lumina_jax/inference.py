@@ -197,8 +197,8 @@ class Lumina:
         `size` (W, H) forces the size tokens (and fills the t2i template); without it the size tokens are
         limited to the crop list of the target size (`constrain_size=False`: unconstrained, as the reference).
         `guidance` (the classifier-free guidance scale, 1 = off), `image_top_k`, `text_top_k` default to the
-        task preset's values. `cfg_min_p` > 0 limits guided
-        image steps to codes with conditional probability >= cfg_min_p x the top one's (`SamplingSettings`).
+        task preset's values. `cfg_min_p` > 0 limits guided image steps to codes with conditional probability
+        >= cfg_min_p x the top one's (`SamplingSettings`).
         `open_image` (default: the preset's `answer_is_image`) ends the prompt with <racm3:break> (and the size
         tokens when `size` is given); `token_ids` and `text` of the results include those tokens.
         """
