@@ -59,9 +59,10 @@ def test_grad_accumulation_equals_whole_batch():
         ctx = _ctx("fsdp=1", accum=k)
         psh = sharding.param_shardings(None, ctx.model_config, ctx.mesh, RULES)
         params = ts.init_state(ctx, ts.state_shardings(ctx, ts.abstract_state(ctx), psh), seed=3)["params"]
-        grad = ts.jit_grad_fn(ctx, psh)
-        results[k] = jax.device_get(grad(params, ts.global_batch(ctx, batch_np), jnp.int32(0),
-                                         jax.random.key_data(jax.random.key(0))))
+        with sharding.sharding_context(ctx.mesh, ctx.rules):
+            grads = jax.jit(ts.make_grad_fn(ctx))(params, ts.global_batch(ctx, batch_np), jnp.int32(0),
+                                                  jax.random.key_data(jax.random.key(0)))
+        results[k] = jax.device_get(grads)
     (g1, s1), (g4, s4) = results[1], results[4]
     for name in s1:
         np.testing.assert_allclose(s4[name], s1[name], rtol=1e-5, err_msg=name)

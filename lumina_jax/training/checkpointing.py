@@ -109,9 +109,6 @@ class TrainCheckpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, step: int, state: Any, data_state: Any, config: dict, *, force: bool = False) -> bool:
         """Saves when `step` is on the interval (or `force`); returns whether a save started."""
         return self.manager.save(

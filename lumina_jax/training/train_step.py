@@ -203,21 +203,6 @@ def global_batch(ctx: StepContext, local_batch: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(bsh, np.asarray(local_batch[k])) for k in BATCH_KEYS}
 
 
-def jit_grad_fn(ctx: StepContext, params_sharding: Any):
-    """jax.jit of `make_grad_fn` with explicit shardings (for checks and tools)."""
-    fn = make_grad_fn(ctx)
-    bsh = batch_sharding(ctx)
-    replicated = NamedSharding(ctx.mesh, P())
-    jitted = jax.jit(fn, in_shardings=(params_sharding, {k: bsh for k in BATCH_KEYS}, replicated, replicated),
-                     out_shardings=(params_sharding, replicated))
-
-    def run(params, batch, step, rng):
-        with sharding.sharding_context(ctx.mesh, ctx.rules):
-            return jitted(params, {k: batch[k] for k in BATCH_KEYS}, step, rng)
-
-    return run
-
-
 def dropout_key(rng: jax.Array, step, micro_batch) -> jax.Array:
     """The dropout key of micro-batch `micro_batch` of step `step` (as the step derives it)."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), step), micro_batch)
