@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.sampling import processors as P
 from lumina_jax.tasks import get_task
 
@@ -98,13 +98,13 @@ class Lumina:
         if not directory.is_dir():
             raise InferenceError(f"{directory}: checkpoint directory does not exist")
         try:
-            manifest = checkpoint.read_json(directory, MANIFEST)
-        except (checkpoint.CheckpointError, json.JSONDecodeError) as e:
+            manifest = param_checkpoint.read_json(directory, MANIFEST)
+        except (param_checkpoint.CheckpointError, json.JSONDecodeError) as e:
             raise InferenceError(f"{directory}: not an assembled model directory ({e}); "
                                  "build one with `python -m lumina_jax.convert assemble`") from None
         try:
             dec_dir = directory / manifest["decoder"]
-            cfg = ChameleonConfig.from_dict(checkpoint.read_json(dec_dir, "config.json"))
+            cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(dec_dir, "config.json"))
             cfg = cfg.replace(scan_layers=False, **({"dtype": dtype} if dtype else {}))
             tok = TextTokenizer.load(str(directory / manifest["tokenizer"]))
             special = SpecialIds.from_tokenizer(tok)
@@ -119,7 +119,7 @@ class Lumina:
             rule_set = S.RULE_SETS[rules]
             params = S.load_params_sharded(dec_dir, cfg, mesh_obj, rule_set)
             vq = ImageTokenizer.from_checkpoint(directory / manifest["vqgan"])
-        except (checkpoint.CheckpointError, KeyError, ValueError, FileNotFoundError, OSError) as e:
+        except (param_checkpoint.CheckpointError, KeyError, ValueError, FileNotFoundError, OSError) as e:
             if isinstance(e, InferenceError):
                 raise
             raise InferenceError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from None

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.attention import CACHE_AXES, KVCache
 from lumina_jax.models.chameleon import Chameleon, unstack_layers
@@ -239,9 +239,9 @@ def load_params_sharded(ckpt_dir: str | os.PathLike, config: ChameleonConfig, me
     scanned = config.replace(scan_layers=True)
     shardings = param_shardings(None, scanned, mesh, rules)
     abstract = nn.unbox(abstract_params(scanned))
-    path = Path(ckpt_dir).absolute() / checkpoint.PARAMS_SUBDIR
+    path = Path(ckpt_dir).absolute() / param_checkpoint.PARAMS_SUBDIR
     if not path.exists():
-        raise checkpoint.CheckpointError(f"{path}: no Orbax parameter tree (is {ckpt_dir} a lumina-jax checkpoint?)")
+        raise param_checkpoint.CheckpointError(f"{path}: no Orbax parameter tree (is {ckpt_dir} a lumina-jax checkpoint?)")
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path).item_metadata.tree
     have = _describe(stored, is_leaf=lambda x: hasattr(x, "shape"))
@@ -250,11 +250,11 @@ def load_params_sharded(ckpt_dir: str | os.PathLike, config: ChameleonConfig, me
     problems += [f"unexpected {k} {have[k]}" for k in sorted(set(have) - set(want))]
     problems += [f"{k}: stored {have[k]}, model wants {want[k]}" for k in sorted(set(have) & set(want)) if have[k] != want[k]]
     if problems:
-        raise checkpoint.CheckpointError(f"{ckpt_dir}: parameters do not match the model config: " + "; ".join(problems))
+        raise param_checkpoint.CheckpointError(f"{ckpt_dir}: parameters do not match the model config: " + "; ".join(problems))
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.param_dtype), sharding=s), abstract, shardings
     )
-    params = checkpoint.restore_params(ckpt_dir, target)
+    params = param_checkpoint.restore_params(ckpt_dir, target)
     if config.scan_layers:
         return params
     out_shardings = param_shardings(None, config, mesh, rules)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax import sharding as S
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models import chameleon as C
@@ -110,8 +110,8 @@ def test_sharded_init_places_params():
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unscanned"])
 def test_load_params_sharded(tmp_path, reference, scan_layers):
     params, _, _ = reference
-    with checkpoint.atomic_directory(tmp_path / "ckpt") as d:
-        checkpoint.save_params(d, jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params))
+    with param_checkpoint.atomic_directory(tmp_path / "ckpt") as d:
+        param_checkpoint.save_params(d, jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params))
     mesh = S.make_mesh("data=2,fsdp=2,tensor=2")
     cfg = CFG.replace(scan_layers=scan_layers)
     loaded = S.load_params_sharded(tmp_path / "ckpt", cfg, mesh, S.FSDP_RULES)
@@ -130,9 +130,9 @@ def test_load_params_sharded_names_mismatches(tmp_path, reference):
     del bad["norm"]
     bad["extra"] = {"w": np.zeros(3, np.float32)}
     bad["lm_head"]["kernel"] = bad["lm_head"]["kernel"][:, :100]
-    with checkpoint.atomic_directory(tmp_path / "bad") as d:
-        checkpoint.save_params(d, bad)
-    with pytest.raises(checkpoint.CheckpointError) as err:
+    with param_checkpoint.atomic_directory(tmp_path / "bad") as d:
+        param_checkpoint.save_params(d, bad)
+    with pytest.raises(param_checkpoint.CheckpointError) as err:
         S.load_params_sharded(tmp_path / "bad", CFG, S.make_mesh("fsdp=8"), S.FSDP_RULES)
     msg = str(err.value)
     assert "missing norm/scale" in msg and "unexpected extra/w" in msg and "lm_head/kernel: stored (128, 100)" in msg

@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.convert import hf_config as hfc
 from lumina_jax.convert import safetensors_io as sio
@@ -295,7 +295,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
     if shapes != model_shapes:
         raise RuntimeError(f"internal: KEY_TABLE shapes {shapes} differ from the decoder's {model_shapes}")
 
-    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
         leaves = {path: np.empty(shape, leaf_dtype[path]) for path, shape in shapes.items()}
         total = sum(files.tensors[p.hf_key].nbytes for p in plans)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
@@ -304,11 +304,11 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
                 dest = leaves[p.path] if p.layer is None else leaves[p.path][p.layer]
                 hf_to_param(files.read(p.hf_key), p.transform, cfg, dest)
                 bar.update(files.tensors[p.hf_key].nbytes)
-        checkpoint.save_params(tmp, unflatten(leaves), host_copy=False)
+        param_checkpoint.save_params(tmp, unflatten(leaves), host_copy=False)
         del leaves
-        checkpoint.write_json(tmp, "config.json", cfg.to_dict())
+        param_checkpoint.write_json(tmp, "config.json", cfg.to_dict())
         shutil.copyfile(src / "config.json", tmp / "hf_config.json")
-        checkpoint.write_json(tmp, "conversion.json", {
+        param_checkpoint.write_json(tmp, "conversion.json", {
             "source": str(src.absolute()),
             "source_files": files.files,
             "source_dtypes": all_source,
@@ -332,8 +332,8 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
         raise ConversionError(f"{out}: output directory already exists (pass --overwrite to replace it)")
     limit = sio.parse_size(max_shard_size)
     try:
-        cfg = ChameleonConfig.from_dict(checkpoint.read_json(src, "config.json"))
-    except (checkpoint.CheckpointError, ValueError, TypeError) as e:
+        cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(src, "config.json"))
+    except (param_checkpoint.CheckpointError, ValueError, TypeError) as e:
         raise ConversionError(f"{src / 'config.json'}: {e}") from None
     if hf_config_path is not None:
         hf = _read_hf_config(Path(hf_config_path))
@@ -348,8 +348,8 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
         hfc.check_hf_config_matches(hf, cfg, hf_source)
 
     try:
-        params = checkpoint.restore_params(src)
-    except checkpoint.CheckpointError as e:
+        params = param_checkpoint.restore_params(src)
+    except param_checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
     del params
@@ -390,7 +390,7 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
             if key in hf and hf[key] != torch_dtype:
                 hf[key] = torch_dtype
 
-    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
                   disable=not progress, file=sys.stderr) as bar:
             names = sio.write_model(tmp, specs, limit, metadata={"format": "pt"},

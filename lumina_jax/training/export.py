@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from lumina_jax import checkpoint as ckpt_io
+from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.chameleon import stack_layers
 
@@ -45,11 +45,11 @@ def export_run_state(params: Any, model_config: ChameleonConfig, out_dir: str, *
     cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))
     params = cast(params)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / ckpt_io.PARAMS_SUBDIR, params)
+        ckptr.save(out / param_checkpoint.PARAMS_SUBDIR, params)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
         config = model_config.replace(param_dtype=dtype, scan_layers=True, dropout=0.0)
-        ckpt_io.write_json(out, "config.json", config.to_dict())
+        param_checkpoint.write_json(out, "config.json", config.to_dict())
         has_hf_config = bool(source_dir) and (Path(source_dir) / "hf_config.json").is_file()
         if has_hf_config:
             shutil.copyfile(Path(source_dir) / "hf_config.json", out / "hf_config.json")
@@ -68,7 +68,7 @@ def export_from_run(run_dir: str, out_dir: str, *, step: Optional[int] = None, h
     from lumina_jax.training import config as config_lib
     from lumina_jax.training import trainer
     from lumina_jax.training import train_step as ts
-    from lumina_jax.training.checkpointing import TrainCheckpointer
+    from lumina_jax.training.train_checkpoint import TrainCheckpointer
 
     ckpt = TrainCheckpointer(os.path.join(run_dir, "checkpoints"), save_interval_steps=1, max_to_keep=None,
                              async_save=False)

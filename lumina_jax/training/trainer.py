@@ -20,11 +20,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from lumina_jax import checkpoint as ckpt_io
+from lumina_jax import param_checkpoint
 from lumina_jax import sharding
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.training import train_step as ts
-from lumina_jax.training.checkpointing import PreemptionFlag, TrainCheckpointer, select_data_state
+from lumina_jax.training.train_checkpoint import PreemptionFlag, TrainCheckpointer, select_data_state
 from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from lumina_jax.training.synthetic import SyntheticBatches
@@ -57,7 +57,7 @@ def resolve_model_config(cfg: TrainConfig) -> ChameleonConfig:
     """The experiment's model config; with checkpoint.init_from, the architecture comes from its config.json."""
     if not cfg.checkpoint.init_from:
         return cfg.model
-    stored = ChameleonConfig.from_dict(ckpt_io.read_json(cfg.checkpoint.init_from, "config.json"))
+    stored = ChameleonConfig.from_dict(param_checkpoint.read_json(cfg.checkpoint.init_from, "config.json"))
     return stored.replace(**{f: getattr(cfg.model, f) for f in TRAINING_MODEL_FIELDS})
 
 

@@ -438,13 +438,13 @@ def evaluate(tokenizer, pairs: Sequence[tuple[Any, Any]], progress: bool = False
 
 def save_checkpoint(out: str, params: dict, cfg: VQGANTrainConfig, report: dict, overwrite: bool = False) -> None:
     """Writes params/ + vqgan_config.json + train_report.json atomically."""
-    from lumina_jax import checkpoint
+    from lumina_jax import param_checkpoint
     from lumina_jax.image_tokenizer import CONFIG_FILE
 
-    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
-        checkpoint.save_params(tmp, params)
-        checkpoint.write_json(tmp, CONFIG_FILE, cfg.vqgan_config().to_dict())
-        checkpoint.write_json(tmp, REPORT_FILE, report)
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+        param_checkpoint.save_params(tmp, params)
+        param_checkpoint.write_json(tmp, CONFIG_FILE, cfg.vqgan_config().to_dict())
+        param_checkpoint.write_json(tmp, REPORT_FILE, report)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -467,10 +467,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = VQGANTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VQGANTrainConfig)})
-        from lumina_jax import checkpoint
+        from lumina_jax import param_checkpoint
 
         if not args.overwrite and __import__("os").path.exists(args.out):
-            raise checkpoint.CheckpointError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+            raise param_checkpoint.CheckpointError(f"--out {args.out} already exists (pass --overwrite to replace it)")
     except (ValueError, RuntimeError) as e:
         print(f"vqgan_train: {e}", file=sys.stderr)
         return 2
