@@ -26,6 +26,7 @@ import numpy as np
 
 from lumina_jax import param_checkpoint
 from lumina_jax.sampling import processors as P
+from lumina_jax.state import restore_params
 from lumina_jax.tasks import get_task
 
 # The shipped demo model (`python -m lumina_jax.demo.recipe`), used when no checkpoint is given.
@@ -114,10 +115,11 @@ class Lumina:
                 mesh_obj = S.make_mesh("data=1", devices=jax.devices()[:1])
             else:
                 mesh_obj = S.make_mesh(mesh) if isinstance(mesh, str) else mesh
-            if rules not in S.RULE_SETS:
-                raise InferenceError(f"rules {rules!r} unknown; known: {sorted(S.RULE_SETS)}")
-            rule_set = S.RULE_SETS[rules]
-            params = S.load_params_sharded(dec_dir, cfg, mesh_obj, rule_set)
+            try:
+                rule_set = S.rule_set(rules)
+            except ValueError as e:
+                raise InferenceError(str(e)) from None
+            params = restore_params(dec_dir, cfg, mesh_obj, rule_set)
             vq = ImageTokenizer.from_checkpoint(directory / manifest["vqgan"])
         except (param_checkpoint.CheckpointError, KeyError, ValueError, FileNotFoundError, OSError) as e:
             if isinstance(e, InferenceError):

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -68,6 +68,32 @@ def save_params(directory: str | os.PathLike, params: Any, host_copy: bool = Tru
         use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry(*handlers))
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))
+
+
+def one_line_list(items: Sequence[str], limit: int = 12) -> str:
+    """"[a, b, ... +N more]": a list short enough for a one-line error."""
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... +{len(items) - limit} more' if len(items) > limit else ''}]"
+
+
+def shape_mismatches(have: Mapping[str, Sequence[int]], want: Mapping[str, Sequence[int]]) -> list[str]:
+    """Phrases naming the missing, unexpected and mis-shaped keys of `have` against `want`; [] when they agree.
+
+    The one wording of key errors for every parameter loader and converter, e.g. "missing keys [norm/scale]",
+    "unexpected keys [extra/w]", "wrong shapes [lm_head/kernel [128, 100] (expected [128, 512])]".
+    """
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    wrong = [f"{k} {list(have[k])} (expected {list(want[k])})" for k in want
+             if k in have and tuple(have[k]) != tuple(want[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {one_line_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {one_line_list(sorted(unexpected))}")
+    if wrong:
+        problems.append(f"wrong shapes {one_line_list(wrong)}")
+    return problems
 
 
 def write_json(directory: str | os.PathLike, name: str, obj: Any) -> None:

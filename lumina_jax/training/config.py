@@ -49,7 +49,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    mesh: str = "fsdp=-1"  # mesh axes "data=2,fsdp=2,tensor=2"; -1 takes the remaining devices
+    mesh: str = "fsdp=-1"  # mesh axes of one slice "data=2,fsdp=2,tensor=2"; -1 takes the slice's remaining devices
+    num_slices: int = 1  # slices joined over the data-centre network (multi-slice TPU); the data axis spans them
     rules: str = "fsdp"  # logical-axis rule set of lumina_jax.sharding.RULE_SETS ("fsdp" or "tensor")
     grad_accum_steps: int = 1  # micro-batches per optimizer step (accumulated with lax.scan)
     coordinator_address: str = ""  # multi-host: "host:port" of process 0 ("" = single process or env/cluster auto)
@@ -104,6 +105,8 @@ class TrainConfig:
 def check(cfg: TrainConfig) -> None:
     """Raises a one-line ValueError naming the field of an inconsistent config."""
     d, p = cfg.data, cfg.parallel
+    if p.num_slices < 1:
+        raise ValueError(f"parallel.num_slices={p.num_slices} must be >= 1")
     if p.grad_accum_steps < 1:
         raise ValueError(f"parallel.grad_accum_steps={p.grad_accum_steps} must be >= 1")
     if d.global_batch_size % p.grad_accum_steps:

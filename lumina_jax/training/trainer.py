@@ -23,10 +23,11 @@ from tqdm import tqdm
 from lumina_jax import param_checkpoint
 from lumina_jax import sharding
 from lumina_jax.config import ChameleonConfig
+from lumina_jax.flops import train_flops_per_token
+from lumina_jax.state import abstract_train_state, init_train_state, restore_params, train_state_shardings
 from lumina_jax.training import train_step as ts
 from lumina_jax.training.train_checkpoint import PreemptionFlag, TrainCheckpointer, select_data_state
 from lumina_jax.training.config import TrainConfig
-from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from lumina_jax.training.synthetic import SyntheticBatches
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,6 @@ def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def flops_per_token(model_cfg: ChameleonConfig, n_params: int, seq_len: int) -> float:
-    """6 N (matmuls, forward + backward, embedding lookup excluded) + 12 L D T (attention scores)."""
-    n = n_params - model_cfg.vocab_size * model_cfg.hidden_size
-    return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * seq_len
-
-
 def peak_flops_per_device(cfg: TrainConfig) -> float:
     if cfg.log.peak_tflops_per_device > 0:
         return cfg.log.peak_tflops_per_device * 1e12
@@ -160,20 +155,10 @@ class Run:
 
 def setup(cfg: TrainConfig) -> Run:
     model_cfg = resolve_model_config(cfg)
-    mesh = sharding.make_mesh(cfg.parallel.mesh)
-    if cfg.parallel.rules not in sharding.RULE_SETS:
-        raise ValueError(f"parallel.rules={cfg.parallel.rules!r} is unknown; known: {sorted(sharding.RULE_SETS)}")
-    rules = sharding.RULE_SETS[cfg.parallel.rules]
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.data.global_batch_size // cfg.parallel.grad_accum_steps
-    if micro % batch_shards:
-        raise ValueError(f"micro-batch of {micro} rows (data.global_batch_size / parallel.grad_accum_steps) does not "
-                         f"divide over the {batch_shards} batch shards (data x fsdp) of mesh {dict(mesh.shape)}")
-    tx = make_optimizer(cfg.optimizer, cfg.total_steps)
-    ctx = ts.StepContext(model_cfg, cfg.loss, tx, learning_rate_schedule(cfg.optimizer, cfg.total_steps),
-                         cfg.parallel.grad_accum_steps, mesh, rules)
-    params_sharding = sharding.param_shardings(None, model_cfg, mesh, rules)
-    shardings = ts.state_shardings(ctx, ts.abstract_state(ctx, cfg.seed), params_sharding)
+    mesh = ts.make_mesh(cfg)
+    ts.check_micro_batch(cfg, mesh)
+    ctx = ts.make_context(cfg, mesh, model_cfg)
+    shardings = train_state_shardings(model_cfg, ctx.tx, mesh, ctx.rules)
     checkpointer = TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"),
                                      save_interval_steps=cfg.checkpoint.save_interval_steps,
                                      max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
@@ -182,18 +167,18 @@ def setup(cfg: TrainConfig) -> Run:
     latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
     if latest is not None:
         log.info("resuming from step %d in %s", latest, checkpointer.directory)
-        target = ts.with_shardings(ts.abstract_state(ctx, cfg.seed), shardings)
+        target = abstract_train_state(model_cfg, ctx.tx, mesh, ctx.rules)
         state, data_state = checkpointer.restore(latest, target)
         restore_data_state(data, data_state)
         start = int(latest)
     elif cfg.checkpoint.init_from:
-        params = sharding.load_params_sharded(cfg.checkpoint.init_from, model_cfg, mesh, rules)
+        params = restore_params(cfg.checkpoint.init_from, model_cfg, mesh, ctx.rules)
         if cfg.checkpoint.zero_image_lm_head:
-            params = zero_image_lm_head(params, model_cfg, params_sharding)
-        state = ts.init_state(ctx, shardings, cfg.seed, params=params)
+            params = zero_image_lm_head(params, model_cfg, shardings["params"])
+        state = init_train_state(model_cfg, ctx.tx, mesh, ctx.rules, cfg.seed, params=params)
         start = 0
     else:
-        state = ts.init_state(ctx, shardings, cfg.seed)
+        state = init_train_state(model_cfg, ctx.tx, mesh, ctx.rules, cfg.seed)
         start = 0
     sharding.check_replication(state["params"])
     return Run(cfg, ctx, shardings, state, ts.jit_train_step(ctx, shardings), data, checkpointer, start)
@@ -229,7 +214,7 @@ def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
     preempt = PreemptionFlag()
     writer = MetricsWriter(cfg)
     n_params = count_params(run.state["params"])
-    fpt = flops_per_token(run.ctx.model_config, n_params, cfg.data.seq_len)
+    fpt = train_flops_per_token(run.ctx.model_config, cfg.data.seq_len)
     peak = peak_flops_per_device(cfg) * jax.device_count()
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, run.start_step + max_steps)
     is_main = jax.process_index() == 0
