@@ -62,7 +62,7 @@ def test_rule_set_names_the_setting_and_the_known_sets():
 
 @pytest.fixture(scope="module")
 def reference():
-    params = C.init_params(CFG, jax.random.key(0))
+    params = state.init_params(CFG, jax.random.key(0))
     # q/k LayerNorm makes attention scores O(1) whatever the kernel scale, so init scale suffices here.
     tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, CFG.vocab_size, dtype=jnp.int32)
     one = jax.devices()[:1]
