@@ -48,7 +48,9 @@ def _init(config: ChameleonConfig, rng: jax.Array) -> Any:
 
 @functools.lru_cache(maxsize=32)
 def _boxed_shapes(config: ChameleonConfig) -> Any:
-    return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
+    # the key is made inside eval_shape too, so describing a model initialises no backend (a conversion
+    # on a machine with an accelerator leaves it alone)
+    return jax.eval_shape(lambda: _init(config, jax.random.key(0)))
 
 
 def param_shapes(config: ChameleonConfig) -> Any:

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file, save_file
@@ -90,7 +91,7 @@ def test_layout_matches_model_and_transforms(tmp_path, hf_model):
     assert run_cli("chameleon", src, tmp_path / "ck") == 0
     cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(tmp_path / "ck", "config.json"))
     params = param_checkpoint.restore_params(tmp_path / "ck")
-    flat = conv.flatten(params)
+    flat = flatten_dict(params, sep="/")
     assert {k: v.shape for k, v in flat.items()} == conv.model_leaf_shapes(cfg)  # the decoder's eval_shape
     sd = {k: v.numpy() for k, v in hf_model.state_dict().items()}
     H, K, Dh, D = 4, 2, 16, 64

@@ -92,9 +92,9 @@ def test_conversion_names_every_mismatch():
         convert_vqgan.params_from_state_dict(sd, cfg, source="vqgan.ckpt: state_dict")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("vqgan.ckpt: state_dict")
-    assert "missing 1 keys: decoder.up.3.block.1.conv2.bias" in msg
-    assert "unexpected 1 keys: encoder.mid.extra.weight" in msg
-    assert "quant_conv.weight (32, 32, 3, 3) != expected (32, 32, 1, 1)" in msg
+    assert "missing keys [decoder.up.3.block.1.conv2.bias]" in msg
+    assert "unexpected keys [encoder.mid.extra.weight]" in msg
+    assert "wrong shapes [quant_conv.weight [32, 32, 3, 3] (expected [32, 32, 1, 1])]" in msg
     assert "loss." not in msg
 
 

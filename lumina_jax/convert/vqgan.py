@@ -82,19 +82,10 @@ def params_from_state_dict(state_dict: dict[str, Any], config: VQGANConfig, sour
     """
     table = key_table(config)
     dropped = sorted(k for k in state_dict if k.startswith(DROPPED_PREFIXES))
-    missing = sorted(k for k in table if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in table and not k.startswith(DROPPED_PREFIXES))
-    bad_shape = [f"{k} {tuple(state_dict[k].shape)} != expected {table[k][1]}"
-                 for k in table if k in state_dict and tuple(state_dict[k].shape) != table[k][1]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {', '.join(unexpected)}")
-    if bad_shape:
-        problems.append(f"wrong shape: {'; '.join(bad_shape)}")
+    have = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(DROPPED_PREFIXES)}
+    problems = param_checkpoint.shape_mismatches(have, {k: shape for k, (_, shape) in sorted(table.items())})
     if problems:
-        raise ConversionError(f"{source} does not match the VQGAN config: " + " | ".join(problems))
+        raise ConversionError(f"{source} does not match the VQGAN config: {'; '.join(problems)}")
     params: dict = {}
     for key, (path, _) in tqdm(sorted(table.items()), desc="vqgan tensors", disable=not progress, unit="tensor"):
         x = torch_pickle.as_numpy(state_dict[key])
