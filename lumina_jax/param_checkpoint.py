@@ -52,7 +52,8 @@ def save_params(directory: str | os.PathLike, params: Any, host_copy: bool = Tru
 
     `host_copy=False` skips Orbax's defensive copy of numpy leaves and writes uncompressed, so saving a
     host-resident model needs one copy of it, not two (the converters use this); the on-disk format is the
-    same. Safe because nothing mutates the arrays while the synchronous save runs.
+    same. Safe because nothing mutates the arrays while the synchronous save runs. Leaves must then be
+    numpy or jax arrays (the registry holds those two handlers only).
     """
     path = Path(directory).absolute() / PARAMS_SUBDIR
     if host_copy:
@@ -60,12 +61,11 @@ def save_params(directory: str | os.PathLike, params: Any, host_copy: bool = Tru
             ckptr.save(path, params)
             ckptr.wait_until_finished()
         return
-    from orbax.checkpoint._src.serialization import type_handler_registry as registry
-
-    handlers = [(ty, h) for ty, h in registry._DEFAULT_TYPE_HANDLERS if ty is not np.ndarray]
-    handlers.append((np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-    handler = ocp.PyTreeCheckpointHandler(
-        use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry(*handlers))
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
