@@ -67,7 +67,6 @@ class CheckpointConfig:
     init_from: str = ""  # converted decoder checkpoint dir (params/ + config.json) to start from ("" = random init)
     zero_image_lm_head: bool = False  # reference starting point: zero lm_head columns of the image tokens at init
     resume: bool = True  # continue from the newest checkpoint in train.output_dir when there is one
-    preemption_check_steps: int = 10  # multi-process: steps between the (collective) checks of the SIGTERM flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,10 +241,10 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
 
 def fpsft_config(name: str, model: ChameleonConfig, seq_len: int, *, dropout: float, total_steps: int = 20000,
                  global_batch_size: int = 256, init_from: str = "", zero_image_lm_head: bool = False) -> TrainConfig:
-    """FP-SFT settings of the reference (spec §6, exps/7B.sh), for one stage and model size.
+    """FP-SFT settings of the reference (its exps/7B.sh), for one stage and model size.
 
-    Step count, batch size per stage and data mix are not published [spec §9 item 5]: total_steps and
-    global_batch_size are placeholders to set per run (the reference: 8 sequences x 32 GPUs, 2 epochs).
+    Step count, batch size per stage and data mix are not published: total_steps and global_batch_size are
+    placeholders to set per run (the reference: 8 sequences x 32 GPUs, 2 epochs).
     """
     return TrainConfig(
         name=name,

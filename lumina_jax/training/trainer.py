@@ -4,7 +4,7 @@ checkpoints, metrics (console + progress bar + TensorBoard + metrics.jsonl), NaN
 Differences from the reference: a step's metrics are fetched one step late, while the next step runs,
 with no extra all-reduces, so the host waits for the device only at checkpoints; the NaN/inf check
 still runs before every save, so nothing non-finite is saved; there is no extra checkpoint right after
-the first step (spec §8 item 17).
+the first step (the reference saves one there: time and disk for a state that restores nothing new).
 """
 from __future__ import annotations
 
@@ -206,8 +206,28 @@ def _check_finite(step: int, metrics: dict, checkpointer: TrainCheckpointer) -> 
                              f"stopped without saving this state (last good checkpoint: {where})")
 
 
-def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
-    """Runs (or resumes) `cfg`; returns {"step", "history": [metrics per step run here], "stopped_by_signal"}."""
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    step: int  # the last step run; its checkpoint is the newest
+    stopped_by_signal: bool  # SIGTERM / preemption: saved at `step` and stopped before the end
+    history: list[dict]  # metrics of every step run in this call, in order ({"step", "loss", ...})
+    state: Any  # the final train state (sharded jax arrays)
+    run: Run  # what `setup` built (context, mesh, data iterator, checkpointer)
+
+    @property
+    def params(self) -> Any:
+        return self.state["params"]
+
+    @property
+    def model_config(self) -> ChameleonConfig:
+        return self.run.ctx.model_config
+
+
+def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> TrainResult:
+    """Runs (or resumes) `cfg`, for at most `max_steps` steps in this call; saves every
+    `checkpoint.save_interval_steps`, at the last step and on SIGTERM."""
     if not cfg.output_dir:
         raise ValueError("output_dir is empty: set output_dir=<dir> (checkpoints and logs go there)")
     run = setup(cfg)
@@ -226,12 +246,13 @@ def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
     state, history, stopped = run.state, [], False
     step = run.start_step
     window = {"tokens": 0.0, "start": time.perf_counter()}
-    interval = max(cfg.checkpoint.save_interval_steps, 1)
-    # multi-process: the preemption flag is agreed on with a collective, so only every few steps
-    check_every = 1 if jax.process_count() == 1 else max(cfg.checkpoint.preemption_check_steps, 1)
+    pending = None  # (step, metrics on device) not yet fetched
 
-    def record(done_step: int, device_metrics) -> None:
-        """Fetches a step's metrics (normally one step late, while the next step runs), checks, logs."""
+    def record() -> None:
+        """Fetches the pending step's metrics (normally one step late, while the next step runs), checks, logs."""
+        nonlocal pending
+        done_step, device_metrics = pending
+        pending = None
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         _check_finite(done_step, metrics, run.checkpointer)
         now = time.perf_counter()
@@ -247,7 +268,12 @@ def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
                             lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update(1)
 
-    pending = None  # (step, metrics on device) not yet fetched
+    def save(done_step: int, force: bool) -> None:
+        """Saves the state of `done_step`, once it is known fit to save (its metrics are fetched and checked
+        first, so nothing non-finite is ever written)."""
+        record()
+        run.checkpointer.save(done_step, state, run.data.get_state(), cfg.to_dict(), force=force)
+
     try:
         while step < end:
             local = next(run.data)
@@ -255,22 +281,21 @@ def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
             state, metrics = run.step_fn(state, batch)  # dispatched asynchronously
             step += 1
             if pending is not None:
-                record(*pending)
+                record()
             pending = (step, metrics)
-            stop = step % check_every == 0 and preempt.should_stop()
-            if stop or step == end or step % interval == 0:
-                record(*pending)  # nothing non-finite is ever saved
-                pending = None
-                run.checkpointer.save(step, state, run.data.get_state(), cfg.to_dict(), force=True)
-            if stop:
-                stopped = True
+            stopped = preempt.reached(step)
+            if stopped or step == end:  # outside the interval policy: forced
+                save(step, force=True)
+            elif run.checkpointer.should_save(step):
+                save(step, force=False)
+            if stopped:
                 log.warning("stopping at step %d on a signal; checkpoint saved", step)
                 break
         if pending is not None:
-            record(*pending)
+            record()
     finally:
         bar.close()
         writer.close()
         run.checkpointer.close()
         preempt.restore_handlers()
-    return {"step": step, "history": history, "stopped_by_signal": stopped, "state": state, "run": run}
+    return TrainResult(step=step, stopped_by_signal=stopped, history=history, state=state, run=run)
