@@ -84,14 +84,9 @@ def param_shardings(config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rul
                         is_leaf=is_spec)
 
 
-def with_shardings(shapes: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs of `shapes` (anything with .shape and .dtype) carrying the matching `shardings`."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-
-
 def abstract_params(config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
     """Sharded ShapeDtypeStructs of the parameter tree: the input of `jit(...).lower` and of a sharded restore."""
-    return with_shardings(param_shapes(config), param_shardings(config, mesh, rules))
+    return param_checkpoint.abstract_like(param_shapes(config), param_shardings(config, mesh, rules))
 
 
 @functools.lru_cache(maxsize=32)
@@ -169,7 +164,7 @@ def abstract_train_state(config: ChameleonConfig, tx: optax.GradientTransformati
                          rules: Rules) -> Any:
     """Sharded ShapeDtypeStructs of the train state: the target of a restore and the input of `lower`."""
     shapes = jax.eval_shape(lambda p: new_train_state(tx, p, 0), param_shapes(config))
-    return with_shardings(shapes, train_state_shardings(config, tx, mesh, rules))
+    return param_checkpoint.abstract_like(shapes, train_state_shardings(config, tx, mesh, rules))
 
 
 def init_train_state(config: ChameleonConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,

@@ -18,6 +18,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import topologies
 
 from lumina_jax import sharding
 
@@ -112,10 +113,6 @@ def parse_topology(text: str, num_slices: int = 1) -> Topology:
 
 def topology_devices(topo: Topology) -> list[Any]:
     """The compile-only devices of the slices (needs libtpu: pip install -e .[aot])."""
-    try:
-        from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - jax always ships it
-        raise RuntimeError(f"jax.experimental.topologies is unavailable: {e}") from e
     try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topo.name, chip_config_name=topo.chip.chip_config_name,

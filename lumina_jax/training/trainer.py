@@ -18,11 +18,13 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from lumina_jax import param_checkpoint
 from lumina_jax import sharding
 from lumina_jax.config import ChameleonConfig
+from lumina_jax.data.pipeline import make_train_iterator
 from lumina_jax.flops import train_flops_per_token
 from lumina_jax.state import abstract_train_state, init_train_state, restore_params, train_state_shardings
 from lumina_jax.training import train_step as ts
@@ -73,7 +75,6 @@ def make_data_iterator(cfg: TrainConfig, model_cfg: ChameleonConfig):
     if not d.config_path:
         return SyntheticBatches(seed=d.seed, global_batch_size=d.global_batch_size, seq_len=d.seq_len,
                                 vocab=d.synthetic_vocab or model_cfg.vocab_size, shard_index=index, shard_count=count)
-    from lumina_jax.data.pipeline import make_train_iterator
     return make_train_iterator(d.config_path, seq_len=d.seq_len, batch_size=local, seed=d.seed, shard_index=index,
                                shard_count=count, packing=d.packing, pad_multiple=d.pad_multiple)
 
@@ -120,7 +121,6 @@ class MetricsWriter:
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.jsonl = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
         if cfg.log.tensorboard:
-            from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
 
     def step(self, step: int, metrics: dict, write_tb: bool) -> None:
