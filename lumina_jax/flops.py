@@ -16,6 +16,6 @@ def matmul_params(cfg: ChameleonConfig) -> int:
 
 
 def train_flops_per_token(cfg: ChameleonConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs of one token of a `seq_len`-token row: 6 N (weights) + 12 L H Dh T (attention
-    scores and values over the whole row, as the causal mask is applied after the product)."""
+    """Forward + backward FLOPs of one token of a `seq_len`-token row: 6 P (P = `matmul_params`) + 12 L N H T
+    (attention scores and values over the whole row, as the causal mask is applied after the product)."""
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

@@ -167,8 +167,9 @@ def test_parse_oom_messages():
 
 
 def test_jaxpr_flops_match_the_model_formula_and_count_remat():
-    """Matrix-product FLOPs counted on the traced step (scan lengths applied) equal 6N + 12 L H Dh T per
-    token without remat, and add about one forward pass (a third) with full remat."""
+    """Matrix-product FLOPs counted on the traced step (scan lengths applied) equal 6P + 12 L N H T per
+    token (P parameters, N heads, H head dim) without remat, and add about one forward pass (a third) with full
+    remat."""
     topo = parse_topology("v5e:2x2")
     mesh = build_mesh(topo, topology_devices(topo), "fsdp=-1")
     base = load_config(TINY, ["parallel.grad_accum_steps=2"])

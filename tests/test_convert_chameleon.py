@@ -94,18 +94,18 @@ def test_layout_matches_model_and_transforms(tmp_path, hf_model):
     flat = flatten_dict(params, sep="/")
     assert {k: v.shape for k, v in flat.items()} == conv.model_leaf_shapes(cfg)  # the decoder's eval_shape
     sd = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-    H, K, Dh, D = 4, 2, 16, 64
-    q = sd["model.layers.1.self_attn.q_proj.weight"]  # (H*Dh, D): row h*Dh+j is head h, dim j
-    np.testing.assert_array_equal(flat["layers/self_attn/q_proj/kernel"][1][:, 2, 5], q[2 * Dh + 5])
+    N, K, H, D = 4, 2, 16, 64  # query heads, kv heads, head dim, model dim
+    q = sd["model.layers.1.self_attn.q_proj.weight"]  # (N*H, D): row n*H+j is head n, dim j
+    np.testing.assert_array_equal(flat["layers/self_attn/q_proj/kernel"][1][:, 2, 5], q[2 * H + 5])
     k = sd["model.layers.0.self_attn.k_proj.weight"]
-    np.testing.assert_array_equal(flat["layers/self_attn/k_proj/kernel"][0][:, 1, 3], k[Dh + 3])
-    o = sd["model.layers.0.self_attn.o_proj.weight"]  # (D, H*Dh)
-    np.testing.assert_array_equal(flat["layers/self_attn/o_proj/kernel"][0][3, 7], o[:, 3 * Dh + 7])
+    np.testing.assert_array_equal(flat["layers/self_attn/k_proj/kernel"][0][:, 1, 3], k[H + 3])
+    o = sd["model.layers.0.self_attn.o_proj.weight"]  # (D, N*H)
+    np.testing.assert_array_equal(flat["layers/self_attn/o_proj/kernel"][0][3, 7], o[:, 3 * H + 7])
     np.testing.assert_array_equal(flat["layers/mlp/down_proj/kernel"][1], sd["model.layers.1.mlp.down_proj.weight"].T)
     np.testing.assert_array_equal(flat["lm_head/kernel"], sd["lm_head.weight"].T)
     np.testing.assert_array_equal(flat["embed_tokens/embedding"], sd["model.embed_tokens.weight"])
     np.testing.assert_array_equal(flat["layers/self_attn/k_norm/bias"][1], sd["model.layers.1.self_attn.k_norm.bias"])
-    assert flat["layers/self_attn/k_norm/scale"].shape == (2, K, Dh) and flat["layers/self_attn/q_proj/kernel"].shape == (2, D, H, Dh)
+    assert flat["layers/self_attn/k_norm/scale"].shape == (2, K, H) and flat["layers/self_attn/q_proj/kernel"].shape == (2, D, N, H)
     meta = param_checkpoint.read_json(tmp_path / "ck", "conversion.json")
     n_vq = sum(k.startswith("model.vqmodel.") for k in sd)
     assert n_vq > 0 and meta["skipped_key_prefixes"] == {"model.vqmodel.": n_vq}

@@ -204,7 +204,7 @@ def _with_norm_rows(params, cfg, q_rows, k_rows):
 
 @pytest.mark.parametrize("rows", [1, 2])
 def test_qk_norm_rows_expand_to_heads(rows):
-    """rows=r stores one row per group of H/r heads: the same as rows=H with each row repeated H/r times."""
+    """rows=r stores one row per group of N/r heads: the same as rows=N with each row repeated N/r times."""
     cfg = TINY.replace(num_kv_heads=2, q_norm_rows=rows, k_norm_rows=min(rows, 2))
     params = random_params(cfg, 9)
     assert params["layers"]["self_attn"]["q_norm"]["scale"].shape == (cfg.num_layers, rows, cfg.head_dim)

@@ -28,7 +28,7 @@ def _images(seed, shape):
 
 
 # ---------------------------------------------------------------------------------------------------
-# pre/post-processing (spec 2.5)
+# pre/post-processing (docs/reference.md#image-pre--and-post-processing)
 
 
 def test_preprocess_maps_pixels_to_minus_one_one():

@@ -7,7 +7,7 @@ The key table is mechanical (see `lumina_jax.models.vqgan`): `encoder.down.2.blo
 Strictness: every expected key must be present with the expected shape; keys under `loss.` (the
 Lightning VQModel's LPIPS + discriminator, training only) are dropped; anything else is an error. All
 problems are named in one error. Which levels carry attention blocks is read from the keys actually
-present (spec 2.1: `attn_resolutions` of the yaml is not trusted) and written to `vqgan_config.json`.
+present (the yaml's `attn_resolutions` is not reliable; docs/reference.md#vqgan) and written to `vqgan_config.json`.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ appears in the training split; they test whether the model composes a colour and
 apart. Item i depends only on (seed, i), so a larger set extends a smaller one.
 
 Output directory: `images/000000.png ...`, `data.json` in the reference's pre-tokenization input format
-(`lumina_jax.data.pretokenize`, spec §5.2), `corpus.txt` (the prompts, for training a SentencePiece
+(`lumina_jax.data.pretokenize`; docs/reference.md#pre-tokenization-input), `corpus.txt` (the prompts, for training a SentencePiece
 vocabulary) and `set_config.json` (the settings, for reproducing the set). A share of the items is
 image-only: an empty human turn, so the assistant turn starts at the image-start token and the
 unconditional branch of guidance has something to learn (see docs/demo.md for how that is tokenized).

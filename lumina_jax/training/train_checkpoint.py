@@ -9,7 +9,8 @@ A step directory `<output_dir>/checkpoints/<step>/` holds:
 - `config/`: the TrainConfig as JSON (primary process).
 
 Differences from the reference: the optimizer state is saved as global sharded arrays rather than
-per-rank FSDP LOCAL_STATE_DICTs, so resuming does not need the same world size.
+per-rank FSDP LOCAL_STATE_DICTs, so resuming does not need the same world size (docs/reference.md,
+"Optimizer state tied to world size").
 """
 from __future__ import annotations
 

@@ -4,11 +4,13 @@ The train state it updates is built by `lumina_jax.state` ({"step", "params", "o
 Dropout keys are derived, never threaded: key = fold_in(fold_in(rng, step), micro_batch). The dropout mask
 is drawn for the whole global (B, T, D) activation with a partitionable PRNG, so every example (and every
 data shard) gets different noise while the result does not depend on the mesh (the reference gives every
-rank the same dropout stream, so data-parallel replicas drop the same units).
+rank the same dropout stream, so data-parallel replicas drop the same units: docs/reference.md, "Same
+dropout on every rank").
 
 Loss normalisation: sum over supervised tokens of CE + z_loss_weight * lse^2 divided by the number of
 supervised tokens of the global batch, across micro-batches and devices (so the loss of a step does not
-depend on how its rows are split into micro-batches or over devices).
+depend on how its rows are split into micro-batches or over devices: docs/reference.md, "Loss averaged per
+micro-batch").
 """
 from __future__ import annotations
 

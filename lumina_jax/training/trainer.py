@@ -4,7 +4,7 @@ checkpoints, metrics (console + progress bar + TensorBoard + metrics.jsonl), NaN
 Differences from the reference: a step's metrics are fetched one step late, while the next step runs,
 with no extra all-reduces, so the host waits for the device only at checkpoints; the NaN/inf check
 still runs before every save, so nothing non-finite is saved; there is no extra checkpoint right after
-the first step (the reference saves one there: time and disk for a state that restores nothing new).
+the first step (docs/reference.md, "Per-step syncs and extra checkpoint").
 """
 from __future__ import annotations
 
