@@ -1,0 +1,98 @@
+"""Serve a model directory as a web page (text to image, image to image, chat) and an HTTP API.
+
+    python -m lumina_jax.serve                              # the shipped demo model on http://127.0.0.1:7860
+    python -m lumina_jax.serve --checkpoint ckpts/lumina-7b-768 --mesh tensor=8 --max-batch 16
+
+Requests that arrive within --max-wait-ms of each other and share their settings are decoded together in
+one batch of up to --max-batch images; each still gets exactly the images its own seed gives alone.
+API: POST /api/t2i (JSON in, PNG or base64 out), GET /api/info; see docs/serving.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lumina_jax.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="assembled model directory (lumina.json, decoder/, vqgan/, tokenizer/); default: the shipped "
+                        "demo model lumina_jax/demo_weights, with its demo settings as the page's defaults")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. tensor=8 or data=4,tensor=2 (axes data, fsdp, tensor; default: one device)")
+    p.add_argument("--rules", default="tensor", choices=["tensor", "fsdp"],
+                   help="parameter layout on the mesh: tensor parallel or FSDP (default tensor)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype override (default: the decoder's config.json)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="images decoded together in one generate call (default 8). Every call runs this many rows "
+                        "(padded), so results do not depend on what shares a batch; 1 turns batching off")
+    p.add_argument("--max-wait-ms", type=float, default=50.0,
+                   help="how long the oldest waiting request may wait for others to join its batch (default 50)")
+    p.add_argument("--warm-up", action="store_true",
+                   help="compile the decode program of the default text-to-image settings before serving "
+                        "(a slower start instead of a pause on the first request)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="server log level (default warning; info also logs every HTTP request)")
+    return p
+
+
+def check_args(args) -> None:
+    from lumina_jax.inference import InferenceError
+
+    if args.max_batch < 1:
+        raise InferenceError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not (math.isfinite(args.max_wait_ms) and args.max_wait_ms >= 0):
+        raise InferenceError(f"--max-wait-ms must be a finite number >= 0, got {args.max_wait_ms}")
+    if not 0 <= args.port <= 65535:
+        raise InferenceError(f"--port must be in [0, 65535], got {args.port}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina
+    from lumina_jax.serve import forms
+    from lumina_jax.serve.app import build_app
+    from lumina_jax.serve.batching import Batcher
+    from lumina_jax.serve.service import Service
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_args(args)
+        checkpoint = Path(args.checkpoint or DEFAULT_CHECKPOINT)
+        lm = Lumina.load(checkpoint, mesh=args.mesh, rules=args.rules, dtype=args.dtype)
+    except InferenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    defaults = forms.defaults_for(lm, demo=args.checkpoint is None)
+    batcher = Batcher(lm, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    service = Service(lm, batcher, defaults, str(args.checkpoint or "demo model (lumina_jax/demo_weights)"))
+    work_dir = Path(tempfile.mkdtemp(prefix="lumina-serve-"))
+    try:
+        if args.warm_up:
+            print("warming up: compiling the default text-to-image program ...", file=sys.stderr, flush=True)
+            service.run(forms.t2i_job(lm, defaults, "warm-up"))
+        base = f"http://{args.host}:{args.port}"
+        app = build_app(service, work_dir, base)
+        print(f"serving {service.checkpoint} on {base} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} "
+              "ms); Ctrl-C stops", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        batcher.close()
+        shutil.rmtree(work_dir, ignore_errors=True)  # the page's answers; downloads were served from copies
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
