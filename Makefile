@@ -25,9 +25,10 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
-# Two pytest workers for most tests; the multi-process tests run afterwards on their own (exit 5 = none selected).
+# Two pytest workers for most tests (tests marked with one xdist_group share a worker, e.g. one server); the
+# multi-process tests run afterwards on their own (exit 5 = none selected).
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q -ra -n 2 -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup -m "not serial" $(PYTEST_ARGS)
 	$(PY) -m pytest -q -ra -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 DEMO_OUT ?= demo_out

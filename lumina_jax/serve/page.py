@@ -91,7 +91,8 @@ def build_page(service: Service, outputs: Outputs, api_base: str) -> gr.Blocks:
             raise gr.Error(str(e), duration=None) from None
         results = _answer(service, job, progress)
         paths = outputs.save(results, {"task": task, "prompt": prompt, "size": size, "seed": seed})
-        return _images(paths), results[0].text, [str(p) for p in paths]
+        text = " ".join(part.strip() for part in results[0].text.split(IMAGE_PLACEHOLDER)).strip()
+        return _images(paths), text, [str(p) for p in paths]
 
     def chat(message, conv: Conversation, seed, progress=gr.Progress()):
         message = message or {}
@@ -136,11 +137,12 @@ def build_page(service: Service, outputs: Outputs, api_base: str) -> gr.Blocks:
                                           elem_id="t2i-count")
                     run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
                 with gr.Column():
-                    gallery = gr.Gallery(label="Images", format="png", columns=4, height=360, object_fit="contain",
+                    gallery = gr.Gallery(label="Images", format="png", columns=2, fit_columns=False, height=300,
                                          elem_id="t2i-gallery")
                     files = gr.File(label="Downloads: PNGs and settings JSON", file_count="multiple",
                                     elem_id="t2i-files")
-                    settings = gr.JSON(label="Settings", elem_id="t2i-settings")
+                    with gr.Accordion("Settings used", open=False):
+                        settings = gr.JSON(label="Settings", elem_id="t2i-settings")
             run.click(text_to_image, [prompt, size, guidance, floor, top_k, seed, count], [gallery, files, settings],
                       concurrency_limit=None, api_name="text_to_image")
         with gr.Tab("Image to image"):
@@ -157,7 +159,7 @@ def build_page(service: Service, outputs: Outputs, api_base: str) -> gr.Blocks:
                     i2i_seed = gr.Number(0, label="Seed", precision=0, elem_id="i2i-seed")
                     i2i_run = gr.Button("Run", variant="primary", elem_id="i2i-run")
                 with gr.Column():
-                    i2i_gallery = gr.Gallery(label="Images", format="png", height=360, object_fit="contain",
+                    i2i_gallery = gr.Gallery(label="Images", format="png", columns=2, fit_columns=False, height=300,
                                              elem_id="i2i-gallery")
                     i2i_text = gr.Textbox(label="Text answer", elem_id="i2i-text")
                     i2i_files = gr.File(label="Downloads", file_count="multiple", elem_id="i2i-files")
@@ -166,7 +168,7 @@ def build_page(service: Service, outputs: Outputs, api_base: str) -> gr.Blocks:
         with gr.Tab("Chat"):
             conv = gr.State(Conversation())
             chatbox = gr.Chatbot(label="Chat", height=420, elem_id="chat-box")
-            message = gr.MultimodalTextbox(file_types=["image"], file_count="multiple",
+            message = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", label="Message",
                                            placeholder="Message; attach images with the clip", elem_id="chat-input")
             with gr.Row():
                 chat_seed = gr.Number(0, label="Seed", precision=0, elem_id="chat-seed")
