@@ -37,6 +37,8 @@ def server(tmp_path_factory):
     # a long --max-wait-ms: four requests sent at once always meet (a full batch starts at once anyway)
     with ServerProcess(["--max-batch", str(MAX_BATCH), "--max-wait-ms", "2000"], log_path=log) as s:
         yield s
+    assert s.proc.returncode == 0, s.log_tail()  # SIGTERM: a clean shutdown
+    assert "Traceback" not in s.log_tail(100_000)  # refusals are answers, not server errors
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import argparse
 import logging
 import math
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +58,10 @@ def check_args(args) -> None:
         raise InferenceError(f"--port must be in [0, 65535], got {args.port}")
 
 
+def _stop(signum, frame):
+    raise SystemExit(0)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
@@ -79,6 +84,9 @@ def main(argv=None) -> int:
     batcher = Batcher(lm, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     service = Service(lm, batcher, defaults, str(args.checkpoint or "demo model (lumina_jax/demo_weights)"))
     work_dir = Path(tempfile.mkdtemp(prefix="lumina-serve-"))
+    # SIGTERM as an exception, so the finally block below runs. uvicorn shuts down on SIGINT / SIGTERM, then
+    # raises the signal again under the handler it found: this one (SIGINT: KeyboardInterrupt)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         if args.warm_up:
             print("warming up: compiling the default text-to-image program ...", file=sys.stderr, flush=True)
@@ -88,6 +96,8 @@ def main(argv=None) -> int:
         print(f"serving {service.checkpoint} on {base} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} "
               "ms); Ctrl-C stops", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    except KeyboardInterrupt:
+        pass
     finally:
         batcher.close()
         shutil.rmtree(work_dir, ignore_errors=True)  # the page's answers; downloads were served from copies

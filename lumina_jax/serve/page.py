@@ -53,11 +53,16 @@ def _progress_reporter(progress: gr.Progress) -> Callable[[int, int], None]:
     return report
 
 
+def _refusal(e: InferenceError) -> gr.Error:
+    """The page's message for a refused request: stays until closed; not logged (the server did nothing wrong)."""
+    return gr.Error(str(e), duration=None, print_exception=False)
+
+
 def _answer(service: Service, job, progress: gr.Progress) -> list[Result]:
     try:
         return service.run(job, _progress_reporter(progress))
     except InferenceError as e:
-        raise gr.Error(str(e), duration=None) from None
+        raise _refusal(e) from None
 
 
 def _images(paths: list[Path]) -> list[tuple[str, str]]:
@@ -74,7 +79,7 @@ def build_page(service: Service, outputs: Outputs, api_base: str) -> gr.Blocks:
             job = forms.t2i_job(lm, d, prompt, size, guidance, floor, top_k, seed,
                                 int(num_images) if num_images is not None else None)
         except InferenceError as e:
-            raise gr.Error(str(e), duration=None) from None
+            raise _refusal(e) from None
         results = _answer(service, job, progress)
         form = {"prompt": prompt, "size": size, "guidance": guidance, "guidance_floor": floor,
                 "image_top_k": top_k, "seed": seed, "num_images": num_images}
@@ -88,7 +93,7 @@ def build_page(service: Service, outputs: Outputs, api_base: str) -> gr.Blocks:
                 raise InferenceError("upload an input image first")
             job = forms.image_job(lm, task, forms.load_image(upload), prompt, size, seed)
         except InferenceError as e:
-            raise gr.Error(str(e), duration=None) from None
+            raise _refusal(e) from None
         results = _answer(service, job, progress)
         paths = outputs.save(results, {"task": task, "prompt": prompt, "size": size, "seed": seed})
         text = " ".join(part.strip() for part in results[0].text.split(IMAGE_PLACEHOLDER)).strip()
@@ -101,7 +106,7 @@ def build_page(service: Service, outputs: Outputs, api_base: str) -> gr.Blocks:
             images = [forms.load_image(f) for f in files]
             job = forms.chat_job(lm, conv.turns, conv.images, text, images, seed)
         except InferenceError as e:
-            raise gr.Error(str(e), duration=None) from None
+            raise _refusal(e) from None
         r = _answer(service, job, progress)[0]
         paths = [p for p in outputs.save([r], {"message": text, "seed": seed}) if p.suffix == ".png"]
         answer_images = [im for im in r.images if not isinstance(im, str)]
