@@ -70,6 +70,16 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def add_placement_flags(p) -> None:
+    """--mesh, --rules, --dtype: where and how `Lumina.load` places a model (infer.py and the server)."""
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. tensor=8 or data=4,tensor=2 (axes data, fsdp, tensor; default: one device)")
+    p.add_argument("--rules", default="tensor", choices=["tensor", "fsdp"],
+                   help="parameter layout on the mesh: tensor parallel or FSDP (default tensor)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype override (default: the decoder's config.json)")
+
+
 def check_seed(seed: Any, num_images: int = 1) -> int:
     """`seed` as an int; its answers use seed .. seed + num_images - 1, which must all lie in [0, MAX_SEED]."""
     top = MAX_SEED - (num_images - 1)

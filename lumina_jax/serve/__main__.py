@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lumina_jax.inference import add_placement_flags
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lumina_jax.serve", description=__doc__,
@@ -25,12 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="assembled model directory (lumina.json, decoder/, vqgan/, tokenizer/); default: the shipped "
                         "demo model lumina_jax/demo_weights, with its demo settings as the page's defaults")
-    p.add_argument("--mesh", default=None,
-                   help="device mesh, e.g. tensor=8 or data=4,tensor=2 (axes data, fsdp, tensor; default: one device)")
-    p.add_argument("--rules", default="tensor", choices=["tensor", "fsdp"],
-                   help="parameter layout on the mesh: tensor parallel or FSDP (default tensor)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="compute dtype override (default: the decoder's config.json)")
+    add_placement_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
