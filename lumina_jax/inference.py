@@ -244,10 +244,11 @@ class Lumina:
         tokens when `size` is given); `token_ids` and `text` of the results include those tokens.
         `progress`: a progress bar on stderr (True), none (False), or `fn(tokens_done, tokens_total)` called
         from the decode loop, where the total is what the answers need once the image size is known.
-        `pad_rows_to`: run the decode loop and the VQGAN decoder on a multiple of this many rows (padded with
-        copies of the first row, whose results are dropped). Different batch shapes round differently (about
-        1e-5 in the logits), so a caller that batches unrelated requests passes a fixed value: each row then
-        comes out bit-identical whichever rows share its call, and one program is compiled, not one per size.
+        `pad_rows_to`: run the decode loop on a multiple of this many rows (padded with copies of the first row,
+        whose results are dropped) and the VQGAN decoder on one image at a time. Different batch shapes round
+        differently (about 1e-5 in the logits), so a caller that batches unrelated requests passes a fixed
+        value: each row then comes out bit-identical whichever rows share its call, and one decode program is
+        compiled, not one per batch size.
         """
         if isinstance(size, str):
             size = parse_size(size)
@@ -278,7 +279,7 @@ class Lumina:
             r.tokens = header + r.tokens
             results.append(self._result(prompts[i], task, int(seeds[i]) + j, r, settings, size))
         if decode_images:
-            self._decode_all(results, pad_rows_to)
+            self._decode_all(results, one_at_a_time=pad_rows_to is not None)
         return results
 
     def answer_header(self, task: str, size: tuple[int, int] | None, open_image: bool | None = None) -> list[int]:
@@ -360,16 +361,13 @@ class Lumina:
         res = Result(prompt, task, seed, text, segs.images, row.tokens, row.stopped, unfinished, s)
         return res
 
-    def _decode_all(self, results: list[Result], pad_rows_to: int | None = None) -> None:
-        """Replaces each result's image token lists by PIL images (VQGAN batches per size, all results; each batch
-        padded to `pad_rows_to` images when given)."""
+    def _decode_all(self, results: list[Result], one_at_a_time: bool = False) -> None:
+        """Replaces each result's image token lists by PIL images: one VQGAN batch per size over all results, or
+        one image per call (the same shape for every image, so its pixels do not depend on the others)."""
         from lumina_jax.sampling.generate import decode_images
 
         flat = [t for r in results for t in r.images]
-        if pad_rows_to:
-            pics = decode_images(flat, self.image_tokenizer, self.special, max_batch=pad_rows_to, pad=True)
-        else:
-            pics = decode_images(flat, self.image_tokenizer, self.special)
+        pics = decode_images(flat, self.image_tokenizer, self.special, **({"max_batch": 1} if one_at_a_time else {}))
         k = 0
         for r in results:
             r.images = pics[k:k + len(r.images)]

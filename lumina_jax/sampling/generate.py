@@ -159,12 +159,9 @@ def split_generation(tokens: Sequence[int], ids: P.TokenIds, placeholder: int = 
     return Segments(text, images, None)
 
 
-def decode_images(image_tokens: Sequence[Sequence[int]], image_tokenizer, special, max_batch: int = 16,
-                  pad: bool = False) -> list:
+def decode_images(image_tokens: Sequence[Sequence[int]], image_tokenizer, special, max_batch: int = 16) -> list:
     """UniRep token lists -> PIL images, one VQGAN batch per latent size (input order kept).
 
-    With `pad`, every batch is padded to `max_batch` images (copies of its first), so an image's pixels do not
-    depend on how many others were decoded with it (different batch shapes round differently).
     An image with a broken layout gives a `UniRepError` string in its place instead of an image.
     """
     from lumina_jax.unirep import UniRepError, unirep_to_codes
@@ -181,9 +178,7 @@ def decode_images(image_tokens: Sequence[Sequence[int]], image_tokenizer, specia
     for items in groups.values():
         for s in range(0, len(items), max_batch):
             chunk = items[s:s + max_batch]
-            codes = [c for _, c in chunk]
-            codes += codes[:1] * ((max_batch - len(codes)) if pad else 0)
-            pils = image_tokenizer.decode_to_pil(np.stack(codes))
+            pils = image_tokenizer.decode_to_pil(np.stack([c for _, c in chunk]))
             for (i, _), im in zip(chunk, pils):
                 out[i] = im
     return out
