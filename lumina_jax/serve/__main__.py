@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -65,22 +66,25 @@ def main(argv=None) -> int:
 
     from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina
     from lumina_jax.serve import forms
-    from lumina_jax.serve.app import build_app
     from lumina_jax.serve.batching import Batcher
     from lumina_jax.serve.service import Service
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         check_args(args)
-        checkpoint = Path(args.checkpoint or DEFAULT_CHECKPOINT)
-        lm = Lumina.load(checkpoint, mesh=args.mesh, rules=args.rules, dtype=args.dtype)
+        lm = Lumina.load(Path(args.checkpoint or DEFAULT_CHECKPOINT), mesh=args.mesh, rules=args.rules,
+                         dtype=args.dtype)
     except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    work_dir = Path(tempfile.mkdtemp(prefix="lumina-serve-"))
+    # Gradio keeps the files it serves in its cache: inside the work folder, so nothing outlives the server
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(work_dir / "gradio"))
+    from lumina_jax.serve.app import build_app  # imports gradio, which reads GRADIO_TEMP_DIR once
+
     defaults = forms.defaults_for(lm, demo=args.checkpoint is None)
     batcher = Batcher(lm, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     service = Service(lm, batcher, defaults, str(args.checkpoint or "demo model (lumina_jax/demo_weights)"))
-    work_dir = Path(tempfile.mkdtemp(prefix="lumina-serve-"))
     # SIGTERM as an exception, so the finally block below runs. uvicorn shuts down on SIGINT / SIGTERM, then
     # raises the signal again under the handler it found: this one (SIGINT: KeyboardInterrupt)
     signal.signal(signal.SIGTERM, _stop)
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
             print("warming up: compiling the default text-to-image program ...", file=sys.stderr, flush=True)
             service.run(forms.t2i_job(lm, defaults, "warm-up"))
         base = f"http://{args.host}:{args.port}"
-        app = build_app(service, work_dir, base)
+        app = build_app(service, work_dir / "answers", base)
         print(f"serving {service.checkpoint} on {base} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} "
               "ms); Ctrl-C stops", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
         pass
     finally:
         batcher.close()
-        shutil.rmtree(work_dir, ignore_errors=True)  # the page's answers; downloads were served from copies
+        shutil.rmtree(work_dir, ignore_errors=True)  # the page's answers and Gradio's copies of them
     return 0
 
 
