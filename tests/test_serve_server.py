@@ -112,6 +112,22 @@ def test_four_concurrent_requests_share_generate_calls_and_each_equals_its_reque
     assert len({im.tobytes() for im in decoded}) == 4  # different prompts and seeds: four different images
 
 
+def test_gradio_api_runs_an_omni_task_and_a_chat_turn_with_an_image(server, tmp_path):
+    """The other two tabs through Gradio's own API (gradio_client): an image in, an image out."""
+    from gradio_client import Client, handle_file
+
+    photo = tmp_path / "blue.png"
+    Image.new("RGB", (100, 90), (40, 75, 215)).save(photo)
+    client = Client(server.url, verbose=False)
+    gallery, _, files = client.predict("depth", handle_file(str(photo)), "", "128x128", 0, api_name="/image_to_image")
+    assert len(gallery) == 1 and Image.open(gallery[0]["image"]).size == (128, 128)
+    assert sorted(Path(f).suffix for f in files) == [".json", ".png"]
+    messages, box = client.predict({"text": "What is this?", "files": [handle_file(str(photo))]}, 0, api_name="/chat")
+    user = [m for m in messages if m["role"] == "user"]
+    assert [c["type"] for m in user for c in m["content"]] == ["text", "file"] and not (box or {}).get("files")
+    assert any(m["role"] == "assistant" for m in messages)
+
+
 # ---- the page in a real browser --------------------------------------------------------------------------------
 def test_browser_generates_a_red_circle_on_blue_and_downloads_it(server, browser):
     page = browser.new_page()

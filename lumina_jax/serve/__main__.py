@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         app = build_app(service, work_dir / "answers", base)
         print(f"serving {service.checkpoint} on {base} (max batch {args.max_batch}, max wait {args.max_wait_ms:g} "
               "ms); Ctrl-C stops", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # open streams (a page left open, an API client) would otherwise hold the shutdown forever
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     except KeyboardInterrupt:
         pass
     finally:

@@ -76,8 +76,9 @@ def build_page(service: Service, outputs: Outputs, api_base: str) -> gr.Blocks:
 
     def text_to_image(prompt, size, guidance, floor, top_k, seed, num_images, progress=gr.Progress()):
         try:
+            whole = isinstance(num_images, float) and num_images.is_integer()  # a slider may send 2.0
             job = forms.t2i_job(lm, d, prompt, size, guidance, floor, top_k, seed,
-                                int(num_images) if num_images is not None else None)
+                                int(num_images) if whole else num_images)
         except InferenceError as e:
             raise _refusal(e) from None
         results = _answer(service, job, progress)
