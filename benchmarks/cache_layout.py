@@ -52,12 +52,13 @@ def main(argv=None):
     from lumina_jax.config import ChameleonConfig
     from lumina_jax.models import chameleon as C
     from lumina_jax.models.attention import KVCache
+    from lumina_jax.state import init_params
 
     cfg = ChameleonConfig(vocab_size=65536, dtype="float32", param_dtype="float32", **SHAPES[args.shape])
     ucfg = cfg.replace(scan_layers=False)
     R, P, steps = args.rows, args.prompt, args.steps
     S = P + steps
-    scanned = C.init_params(cfg, args.seed)
+    scanned = init_params(cfg, args.seed)
     unscanned = C.unstack_layers(scanned)
     prompt = jnp.ones((R, P), jnp.int32)
     shape = (cfg.num_layers, R, S, cfg.num_kv_heads, cfg.head_dim)

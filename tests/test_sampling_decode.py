@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from lumina_jax.config import get_config
-from lumina_jax.models.chameleon import Chameleon, init_params, unstack_layers
+from lumina_jax.models.chameleon import Chameleon, unstack_layers
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import PROGRESS_EVERY, ChameleonDecodeModel, decode_jit
 from lumina_jax.sampling.generate import generate_tokens, size_table_from_crops, split_generation
+from lumina_jax.state import init_params
 from lumina_jax.tokenizer import SpecialIds
 from lumina_jax.unirep import unirep_to_codes
 

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-DEMO_CFG_MIN_P = 0.05  # the plausibility floor `make demo` uses with guidance (docs/demo_recipe.md)
+from lumina_jax.inference import DEMO_CFG_MIN_P
+
 PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
 
 

@@ -167,22 +167,22 @@ def assemble(out: Path, decoder_dir: Path, vqgan_dir: Path, tokenizer_model: Pat
     import jax
     import jax.numpy as jnp
 
-    from lumina_jax import checkpoint
+    from lumina_jax import param_checkpoint
 
     def to_bf16(tree):
         return jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                             tree)
 
-    with checkpoint.atomic_directory(out, overwrite=True) as tmp:
+    with param_checkpoint.atomic_directory(out, overwrite=True) as tmp:
         (tmp / "decoder").mkdir()
-        checkpoint.save_params(tmp / "decoder", to_bf16(checkpoint.restore_params(decoder_dir)))
+        param_checkpoint.save_params(tmp / "decoder", to_bf16(param_checkpoint.restore_params(decoder_dir)))
         shutil.copyfile(decoder_dir / "config.json", tmp / "decoder" / "config.json")
         (tmp / "vqgan").mkdir()
-        checkpoint.save_params(tmp / "vqgan", to_bf16(checkpoint.restore_params(vqgan_dir)))
+        param_checkpoint.save_params(tmp / "vqgan", to_bf16(param_checkpoint.restore_params(vqgan_dir)))
         shutil.copyfile(vqgan_dir / "vqgan_config.json", tmp / "vqgan" / "vqgan_config.json")
         (tmp / "tokenizer").mkdir()
         shutil.copyfile(tokenizer_model, tmp / "tokenizer" / "tok.model")
-        checkpoint.write_json(tmp, "lumina.json", {
+        param_checkpoint.write_json(tmp, "lumina.json", {
             "format": 1, "decoder": "decoder", "vqgan": "vqgan", "tokenizer": "tokenizer/tok.model",
             "target_size": int(target_size), "sources": {"recipe": "python -m lumina_jax.demo.recipe"},
             "mask_image_logits": False})

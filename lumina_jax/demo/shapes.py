@@ -256,7 +256,7 @@ def write_set(out_dir: str | os.PathLike, cfg: SetConfig, overwrite: bool = Fals
     """Writes images/, data.json, corpus.txt and set_config.json into `out_dir` (atomically); returns a summary."""
     from tqdm import tqdm
 
-    from lumina_jax.checkpoint import atomic_directory
+    from lumina_jax.param_checkpoint import atomic_directory
 
     counts = {"items": 0, "image_only": 0, "by_size": {}}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

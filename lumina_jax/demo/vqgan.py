@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.demo import shapes
 from lumina_jax.demo.shape_analysis import accuracy
 from lumina_jax.image_tokenizer import ImageTokenizer, preprocess
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     try:
         cfg = DemoVQGANConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoVQGANConfig)})
         if not args.overwrite and os.path.exists(args.out):
-            raise checkpoint.CheckpointError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+            raise param_checkpoint.CheckpointError(f"--out {args.out} already exists (pass --overwrite to replace it)")
     except (ValueError, RuntimeError) as e:
         print(f"lumina_jax.demo.vqgan: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,6 @@ Differences from the reference (Lumina's bundled `ChameleonForConditionalGenerat
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Optional, Sequence
 
@@ -30,8 +29,8 @@ from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.attention import Attention, KVCache, Linear, init_cache, logical_param
 
 __all__ = [
-    "Chameleon", "DecoderBlock", "KVCache", "REMAT_POLICIES", "compute_logits", "init_cache", "init_params",
-    "lm_head_kernel", "project_logits", "stack_layers", "unstack_layers",
+    "Chameleon", "DecoderBlock", "KVCache", "REMAT_POLICIES", "compute_logits", "init_cache", "lm_head_kernel",
+    "project_logits", "stack_layers", "unstack_layers",
 ]
 
 Array = jax.Array
@@ -323,17 +322,3 @@ def unstack_layers(params: dict) -> dict:
     for i in range(n):
         out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
     return out
-
-
-@functools.lru_cache(maxsize=32)
-def _jitted_init(config: ChameleonConfig):
-    model = Chameleon(config)
-    return jax.jit(lambda rng: nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
-
-
-def init_params(config: ChameleonConfig, rng) -> dict:
-    """Random parameters (the unboxed "params" collection) for `config`, on the default device."""
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
-    with nn.logical_axis_rules(()):  # a (1, 1) dummy batch: no activation constraints
-        return _jitted_init(config)(rng)

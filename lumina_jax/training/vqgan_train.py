@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.image_tokenizer import CONFIG_FILE, map_batched_by_shape, preprocess, to_uint8
 from lumina_jax.models.vqgan import VQGAN, VQGANConfig, init_params, nearest_codes
 
@@ -352,7 +352,7 @@ def reconstruct(tokenizer, images: Sequence[Image.Image], progress: bool = False
 
 def save_checkpoint(out: str, params: dict, cfg: VQGANTrainConfig, report: dict, overwrite: bool = False) -> None:
     """Writes params/ + vqgan_config.json + train_report.json atomically."""
-    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
-        checkpoint.save_params(tmp, params)
-        checkpoint.write_json(tmp, CONFIG_FILE, cfg.vqgan_config().to_dict())
-        checkpoint.write_json(tmp, REPORT_FILE, report)
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+        param_checkpoint.save_params(tmp, params)
+        param_checkpoint.write_json(tmp, CONFIG_FILE, cfg.vqgan_config().to_dict())
+        param_checkpoint.write_json(tmp, REPORT_FILE, report)
