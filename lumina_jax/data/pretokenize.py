@@ -377,30 +377,13 @@ def _load_models(args, items: list, image_tokenizer) -> tuple["Pretokenizer", di
     return pretok, hashes
 
 
-@contextlib.contextmanager
-def _shard_lock(out: str, shard: int, num_shards: int):
-    """Held while a run works on its shard: a second run on the same shard is refused, never interleaved."""
-    path = _shard_dir(out, shard, num_shards) + ".lock"
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PretokenizeError(f"--out {out}: shard {shard}/{num_shards} is being written by another run "
-                                   f"(it holds {path}); wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _others_running(out: str, own_lock: str) -> bool:
-    """Whether another run holds a shard lock of `out` (tested without waiting)."""
+def _others_running(out: str) -> bool:
+    """Whether any run holds a shard lock of `out` (tested without waiting)."""
     work = os.path.join(out, WORK)
     for name in os.listdir(work):
-        path = os.path.join(work, name)
-        if not name.endswith(".lock") or not name.startswith("shard") or path == own_lock:
+        if not (name.startswith("shard") and name.endswith(".lock")):
             continue
-        with open(path, "a+") as f:
+        with open(os.path.join(work, name), "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -419,14 +402,18 @@ def _short(value) -> str:
     return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
-def _check_run_config(args, cfg: dict) -> None:
-    """A resumed run must match the first one in everything that shapes the records (RESUME_KEYS).
+@contextlib.contextmanager
+def _claim_shard(args, cfg: dict):
+    """Checks the run config, then holds this shard's lock for the whole run.
 
-    The first run records `cfg`; a later run with any difference is refused with one line naming each
-    difference, unless nothing has been committed yet and no other run is working (then the earlier,
-    failed start is simply replaced).
+    A resumed run must match the first one in everything that shapes the records (RESUME_KEYS): the first
+    run records `cfg`; a later run with any difference is refused with one line naming each difference,
+    unless nothing has been committed yet and no run is working (then the earlier, failed start is simply
+    replaced). The shard lock (`_work/shardI-of-N.lock`, taken only once the config matched, so a refused
+    run creates nothing) makes a second run of the same shard refuse instead of interleaving its writes.
     """
     path = os.path.join(args.out, WORK, "run_config.json")
+    lock_path = _shard_dir(args.out, args.shard, args.num_shards) + ".lock"
     with _file_lock(os.path.join(args.out, WORK, "config.lock")):
         if os.path.exists(path):
             try:
@@ -434,15 +421,26 @@ def _check_run_config(args, cfg: dict) -> None:
             except (OSError, ValueError) as e:
                 raise PretokenizeError(f"{path}: unreadable ({e}); start a new --out") from None
             diff = [k for k in RESUME_KEYS if old.get(k) != cfg.get(k)]
-            own_lock = _shard_dir(args.out, args.shard, args.num_shards) + ".lock"
-            if diff and (_anything_committed(args.out) or _others_running(args.out, own_lock)):
+            if diff and (_anything_committed(args.out) or _others_running(args.out)):
                 raise PretokenizeError(
                     f"--out {args.out} was started with different inputs or settings: "
                     + "; ".join(f"{RESUME_KEYS[k]} ({_short(old.get(k))} then, {_short(cfg.get(k))} now)" for k in diff)
                     + ". Resume with the original ones, or choose a new --out")
-            if not diff:
-                return
-        records.write_json_atomic(path, cfg)
+            if diff:
+                records.write_json_atomic(path, cfg)
+        else:
+            records.write_json_atomic(path, cfg)
+        lock = open(lock_path, "a+")  # taken under the config lock: no config change can slip in between
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise PretokenizeError(f"--out {args.out}: shard {args.shard}/{args.num_shards} is being written by "
+                                   f"another run (it holds {lock_path}); wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock.close()  # releases the shard lock
 
 
 def main(argv=None, image_tokenizer=None) -> int:
@@ -474,8 +472,7 @@ def _main(args, image_tokenizer) -> int:
         os.makedirs(os.path.join(args.out, WORK), exist_ok=True)
     except OSError as e:
         raise PretokenizeError(f"--out {args.out}: cannot create it ({e.strerror})") from None
-    with _shard_lock(args.out, args.shard, args.num_shards):
-        _check_run_config(args, cfg)
+    with _claim_shard(args, cfg):
         run_shard(args, items, pretok)
         report = finalize(args.out, args.num_shards, len(items))
     if report is None:
