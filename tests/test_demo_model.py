@@ -84,5 +84,7 @@ def test_eval_shapes_cli_prints_the_table_for_each_scale(tmp_path, capsys):
 def test_eval_shapes_cli_refuses_a_bad_floor(capsys):
     from lumina_jax.eval import shapes as eval_shapes
 
-    assert eval_shapes.main(["--cfg-min-p", "1"]) == 2
-    assert "--cfg-min-p 1.0: must be in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a usage error, found by argparse before the model loads
+        eval_shapes.main(["--cfg-min-p", "1"])
+    assert e.value.code == 2
+    assert "argument --cfg-min-p: must be in [0.0, 1.0), got 1.0" in capsys.readouterr().err

@@ -312,9 +312,14 @@ def tokenizer_sha256(path: str) -> str:
 
 
 def image_tokenizer_sha256(tok) -> str:
-    """Content hash of a VQGAN: its config and every parameter's path, dtype, shape and bytes."""
+    """Content hash of a VQGAN: its config and every parameter's path, dtype, shape and bytes.
+
+    An image tokenizer passed to `main` without `config` and `params` (a stand-in) is known by its class.
+    """
     import jax
 
+    if not (hasattr(tok, "config") and hasattr(tok, "params")):
+        return hashlib.sha256(f"{type(tok).__module__}.{type(tok).__qualname__}".encode()).hexdigest()
     h = hashlib.sha256(json.dumps(tok.config.to_dict(), sort_keys=True).encode())
     for kp, leaf in jax.tree_util.tree_flatten_with_path(tok.params)[0]:
         a = np.ascontiguousarray(np.asarray(leaf))
