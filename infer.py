@@ -133,12 +133,13 @@ def _jsonl_item(line: str, where: str) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina, check_output_dir, load_image_file, parse_size
+    from lumina_jax.inference import (DEFAULT_CHECKPOINT, InferenceError, Lumina, load_image_file, parse_size,
+                                      writable_output_dir)
 
     try:
         prompts, images = read_prompts(args)
         size = parse_size(args.size) if args.size else None
-        check_output_dir(args.out)  # before the model loads and generates
+        writable_output_dir(args.out)  # before the model loads and generates
         opened = {f: load_image_file(f) for files in images for f in files}  # decoded before the model loads
         images = [[opened[f] for f in files] for files in images]
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT, mesh=args.mesh, rules=args.rules, dtype=args.dtype,

@@ -62,7 +62,7 @@ class Result:
                 "unfinished_image": self.unfinished_image, "settings": self.settings}
 
 
-def check_output_dir(out: str | os.PathLike) -> Path:
+def writable_output_dir(out: str | os.PathLike) -> Path:
     """Checks that `out` is (or can be created as) a writable directory, before any work is done."""
     out = Path(out)
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
@@ -349,7 +349,7 @@ class Lumina:
         (written under a temporary name, then hard-linked into place), so no earlier output is ever replaced,
         even by a run writing into the same directory at the same time.
         """
-        out = check_output_dir(out_dir)
+        out = writable_output_dir(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         taken = [int(m.group(1)) for m in (re.match(r"(\d+)_seed", p.name) for p in out.iterdir()) if m]
         n = max(taken, default=-1) + 1
