@@ -168,9 +168,9 @@ class Lumina:
                                  f"{special.num_image_codes} image tokens")
         target = target_size or manifest.get("target_size", 512)
         try:
-            crop_size_list(target)
-        except (TypeError, ValueError) as e:
-            raise InferenceError(f"{directory / MANIFEST}: target_size: {e}") from None
+            crop_size_list(check_int("target_size", target, 1))
+        except ValueError as e:
+            raise InferenceError(f"{directory / MANIFEST}: {e}") from None
         return cls(directory, cfg, params, vq, tok, special, int(target), mesh_obj, rule_set)
 
     # ---- prompts ---------------------------------------------------------------------------------------------
