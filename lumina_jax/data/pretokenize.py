@@ -354,13 +354,7 @@ def _check_out(out: str) -> None:
 
 
 def _load_models(args, items: list, image_tokenizer) -> tuple["Pretokenizer", dict]:
-    """The tokenizer and VQGAN, loaded (and hashed) before anything is written."""
-    try:
-        pretok = Pretokenizer(args.tokenizer, args.vqgan, args.target_size, args.max_length, args.batch_size,
-                              args.random_crop, args.seed, args.image_root, image_tokenizer, args.num_workers)
-    except (OSError, ValueError) as e:
-        raise PretokenizeError(f"--tokenizer: {e}") from None
-    hashes = {"tokenizer_sha256": tokenizer_sha256(args.tokenizer), "vqgan_sha256": None}
+    """The VQGAN and the tokenizer, loaded (and hashed) before anything is written."""
     if image_tokenizer is None and args.vqgan:
         from lumina_jax.checkpoint import CheckpointError
         from lumina_jax.image_tokenizer import ImageTokenizer
@@ -369,17 +363,20 @@ def _load_models(args, items: list, image_tokenizer) -> tuple["Pretokenizer", di
             image_tokenizer = ImageTokenizer.from_checkpoint(args.vqgan)
         except (CheckpointError, OSError, ValueError) as e:
             raise PretokenizeError(f"--vqgan {args.vqgan}: {e}") from None
-    if image_tokenizer is not None:
-        pretok._image_tokenizer = image_tokenizer
-        hashes["vqgan_sha256"] = image_tokenizer_sha256(image_tokenizer)
-    else:
+    if image_tokenizer is None:
         lo, hi = shard_range(len(items), args.shard, args.num_shards)
         with_images = next((i for i in range(lo, hi) if isinstance(items[i], dict)
                             and (items[i].get("image") or items[i].get("<|image|>"))), None)
         if with_images is not None:
             raise PretokenizeError(f"--input {args.input}: item {with_images} has images but no --vqgan checkpoint "
                                    "directory was given")
-    return pretok, hashes
+    try:
+        pretok = Pretokenizer(args.tokenizer, args.vqgan, args.target_size, args.max_length, args.batch_size,
+                              args.random_crop, args.seed, args.image_root, image_tokenizer, args.num_workers)
+    except (OSError, ValueError) as e:
+        raise PretokenizeError(f"--tokenizer: {e}") from None
+    return pretok, {"tokenizer_sha256": tokenizer_sha256(args.tokenizer),
+                    "vqgan_sha256": None if image_tokenizer is None else image_tokenizer_sha256(image_tokenizer)}
 
 
 def _others_running(out: str) -> bool:
