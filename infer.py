@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top-k inside images (default: the task's; 0 = off)")
     p.add_argument("--text-top-k", type=int_flag(0), default=None,
                    help="top-k outside images (default: the task's, 10; 0 = off)")
-    p.add_argument("--temperature", type=float_flag(0.0), default=1.0, help="sampling temperature (0 = greedy; default 1)")
+    p.add_argument("--temperature", type=float_flag(0.0), default=1.0,
+                   help="sampling temperature (0 = greedy; default 1)")
     p.add_argument("--top-p", type=float_flag(0.0, 1.0, lo_open=True), default=1.0,
                    help="nucleus sampling mass after top-k, in (0, 1] (default 1 = off)")
     p.add_argument("--seed", type=int_flag(0, SEED_MAX), default=0,

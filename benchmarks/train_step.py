@@ -47,6 +47,7 @@ def build_ours(args, tokens):
 
     from lumina_jax import sharding
     from lumina_jax.config import ChameleonConfig
+    from lumina_jax.state import init_train_state, train_state_shardings
     from lumina_jax.training import train_step as ts
     from lumina_jax.training.config import LossConfig, OptimizerConfig
     from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -57,9 +58,8 @@ def build_ours(args, tokens):
     tx = make_optimizer(ocfg, 1000)
     ctx = ts.StepContext(cfg, LossConfig(chunk_size=args.chunk_size, fused_grad=not args.no_fused), tx,
                          learning_rate_schedule(ocfg, 1000), 1, mesh, sharding.FSDP_RULES)
-    shardings = ts.state_shardings(ctx, ts.abstract_state(ctx, args.seed),
-                                   sharding.param_shardings(None, cfg, mesh, sharding.FSDP_RULES))
-    state = ts.init_state(ctx, shardings, args.seed)
+    shardings = train_state_shardings(cfg, tx, mesh, sharding.FSDP_RULES)
+    state = init_train_state(cfg, tx, mesh, sharding.FSDP_RULES, args.seed)
     step = ts.jit_train_step(ctx, shardings)
     B, T = args.batch, args.seq
     batch = ts.global_batch(ctx, {

@@ -26,8 +26,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.sampling import processors as P
+from lumina_jax.state import restore_params
 from lumina_jax.tasks import get_task
 from lumina_jax.validation import SEED_MAX, check_int
 
@@ -128,8 +129,10 @@ class Lumina:
         directory = Path(directory)
         if not directory.is_dir():
             raise InferenceError(f"{directory}: checkpoint directory does not exist")
-        if rules not in S.RULE_SETS:
-            raise InferenceError(f"rules {rules!r} unknown; known: {sorted(S.RULE_SETS)}")
+        try:
+            rule_set = S.rule_set(rules)
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
         # the request's own values first, so their mistakes are not reported as an unreadable checkpoint
         if target_size is not None:
             try:
@@ -145,24 +148,23 @@ class Lumina:
         except ValueError as e:
             raise InferenceError(f"mesh {mesh!r}: {e}") from None
         try:
-            manifest = checkpoint.read_json(directory, MANIFEST)
-        except (checkpoint.CheckpointError, json.JSONDecodeError) as e:
+            manifest = param_checkpoint.read_json(directory, MANIFEST)
+        except (param_checkpoint.CheckpointError, json.JSONDecodeError) as e:
             raise InferenceError(f"{directory}: not an assembled model directory ({e}); "
                                  "build one with `python -m lumina_jax.convert assemble`") from None
         try:
             dec_dir = directory / manifest["decoder"]
-            cfg = ChameleonConfig.from_dict(checkpoint.read_json(dec_dir, "config.json"))
+            cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(dec_dir, "config.json"))
             cfg = cfg.replace(scan_layers=False, **({"dtype": dtype} if dtype else {}))
             tok = TextTokenizer.load(str(directory / manifest["tokenizer"]))
             special = SpecialIds.from_tokenizer(tok)
-            rule_set = S.RULE_SETS[rules]
-            params = S.load_params_sharded(dec_dir, cfg, mesh_obj, rule_set)
+            params = restore_params(dec_dir, cfg, mesh_obj, rule_set)
             vq = ImageTokenizer.from_checkpoint(directory / manifest["vqgan"])
-        except (checkpoint.CheckpointError, KeyError, TypeError, ValueError, FileNotFoundError, OSError) as e:
+        except (param_checkpoint.CheckpointError, KeyError, TypeError, ValueError, FileNotFoundError, OSError) as e:
             if isinstance(e, InferenceError):
                 raise
             raise InferenceError(f"{directory}: unreadable checkpoint ({type(e).__name__}: "
-                                 f"{checkpoint.one_line(e)})") from None
+                                 f"{param_checkpoint.one_line(e)})") from None
         if vq.config.n_embed != special.num_image_codes:
             raise InferenceError(f"{directory}: VQGAN has {vq.config.n_embed} codes but the tokenizer has "
                                  f"{special.num_image_codes} image tokens")

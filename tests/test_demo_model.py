@@ -4,8 +4,8 @@ import json
 import pytest
 
 from lumina_jax.demo.shapes import ShapeSpec
-from lumina_jax.eval.shape_analysis import analyse
-from lumina_jax.eval.shapes import DEMO_CFG_MIN_P
+from lumina_jax.demo.shape_analysis import analyse
+from lumina_jax.demo.evaluate import DEMO_CFG_MIN_P
 from lumina_jax.inference import DEFAULT_CHECKPOINT, Lumina
 
 MAX_BYTES = 25 * 2**20
@@ -66,7 +66,7 @@ def test_infer_cli_uses_the_shipped_weights_by_default(tmp_path, capsys):
 
 
 def test_eval_shapes_cli_prints_the_table_for_each_scale(tmp_path, capsys):
-    from lumina_jax.eval import shapes as eval_shapes
+    from lumina_jax.demo import evaluate as eval_shapes
 
     out = tmp_path / "rows.json"
     rc = eval_shapes.main(["--per-split", "2", "--guidance", "1,3", "--quiet", "--json", str(out),
@@ -82,7 +82,7 @@ def test_eval_shapes_cli_prints_the_table_for_each_scale(tmp_path, capsys):
 
 
 def test_eval_shapes_cli_refuses_a_bad_floor(capsys):
-    from lumina_jax.eval import shapes as eval_shapes
+    from lumina_jax.demo import evaluate as eval_shapes
 
     with pytest.raises(SystemExit) as e:  # a usage error, found by argparse before the model loads
         eval_shapes.main(["--cfg-min-p", "1"])

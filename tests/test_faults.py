@@ -45,7 +45,7 @@ MAINS = {"convert": convert_main, "infer": infer.main, "pretok": pretokenize.mai
          "aot": aot_main.main}
 # the expensive step a command must not reach when a case is `early`
 EXPENSIVE = {"infer": "lumina_jax.inference.Lumina.load", "aot": "lumina_jax.aot.__main__.run",
-             "pretok": "lumina_jax.data.pretokenize.run_shard", "convert": "lumina_jax.checkpoint.save_params"}
+             "pretok": "lumina_jax.data.pretokenize.run_shard", "convert": "lumina_jax.param_checkpoint.save_params"}
 
 
 # ------------------------------------------------------------------------------------------ the input tree
@@ -168,7 +168,8 @@ def world(tmp_path_factory):
     c = r / "ckpt"
     c.mkdir()
     st = {"0": np.arange(12, dtype=np.float32)}
-    for name, meta in [("neg_stride", TensorMeta("0", 11, (4,), (-1,))), ("big_stride", TensorMeta("0", 0, (2,), (2**62,))),
+    for name, meta in [("neg_stride", TensorMeta("0", 11, (4,), (-1,))),
+                       ("big_stride", TensorMeta("0", 0, (2,), (2**62,))),
                        ("neg_numel", TensorMeta("0", 0, (4,), (1,), numel=-1)),
                        ("past_end", TensorMeta("0", 10, (4,), (1,))), ("expanded", TensorMeta("0", 0, (99,), (0,)))]:
         write_torch_zip(c / f"{name}.ckpt", {"encoder.conv_in.weight": meta}, st)
@@ -377,7 +378,8 @@ CASES = [
     case("convert", ["chameleon", "{r}/hf_nan", "{r}/o"], 1, "NaN is not a number JSON allows", id="hf-eps-nan"),
     case("convert", ["chameleon", "{r}/hf_vocab_map", "{r}/o"], 1, "vocabulary_map must be an object",
          id="hf-vocabulary-map-list"),
-    case("convert", ["chameleon", "{r}/hf_rope", "{r}/o"], 1, "rope_theta must be > 0.0, got -1.0", id="hf-rope-negative"),
+    case("convert", ["chameleon", "{r}/hf_rope", "{r}/o"], 1, "rope_theta must be > 0.0, got -1.0",
+         id="hf-rope-negative"),
     case("convert", ["chameleon-export", "{r}/conv_badcfg", "{r}/o"], 1, "ChameleonConfig.head_dim must be an integer",
          id="export-config-head-dim-string"),
     case("convert", ["chameleon-export", "{r}/conv_bincfg", "{r}/o"], 1, "config.json: not UTF-8 text (byte 0xff",

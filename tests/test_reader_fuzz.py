@@ -76,7 +76,8 @@ def _storages():
 def _tensors():
     return {"a": TensorMeta("0", 0, (4, 6), (6, 1)), "b": TensorMeta("0", 0, (6, 4), (1, 6)),
             "c": TensorMeta("0", 5, (3,), (2,)), "d": TensorMeta("1", 0, (6,), (1,)),
-            "e": TensorMeta("2", 3, (), ()), "f": TensorMeta("2", 0, (2, 4), (4, 1)), "g": TensorMeta("3", 1, (2,), (1,))}
+            "e": TensorMeta("2", 3, (), ()), "f": TensorMeta("2", 0, (2, 4), (4, 1)),
+            "g": TensorMeta("3", 1, (2,), (1,))}
 
 
 def _mutate_meta(rng, tensors):
@@ -272,7 +273,8 @@ def test_every_mutated_file_loads_predictably_or_fails_with_one_line(fuzz_result
                 pytest.fail(f"{where}: our reader accepted a file the safetensors library refuses ({e})")
             assert sorted(ref) == sorted(r["ok"]), where
             for key, got in r["ok"].items():
-                assert got["hex"] == ref[key].tobytes().hex() and got["shape"] == list(ref[key].shape), f"{where}: {key}"
+                same = got["hex"] == ref[key].tobytes().hex() and got["shape"] == list(ref[key].shape)
+                assert same, f"{where}: {key}"
     # the mutations must really exercise both outcomes (and the unchanged files load)
     assert "ok" in results[0] and counts["error"] > len(cases) // 3 and counts["ok"] > 10, counts
 

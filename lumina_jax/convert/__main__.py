@@ -17,7 +17,7 @@ import sys
 # Conversion never needs an accelerator; keep JAX (started by Orbax) on the host unless told otherwise.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from lumina_jax.checkpoint import CheckpointError
+from lumina_jax.param_checkpoint import CheckpointError
 from lumina_jax.convert.errors import ConversionError
 
 # command name -> (module, one-line help)

@@ -17,7 +17,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.convert.errors import ConversionError
 from lumina_jax.validation import target_size_flag
 
@@ -46,8 +46,8 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
     except ValueError as e:
         raise ConversionError(f"--target-size: {e}") from None
     try:
-        checkpoint.check_output_dir(out, overwrite, inputs=[model_dir, tokenizer_dir])
-    except checkpoint.CheckpointError as e:
+        param_checkpoint.check_output_dir(out, overwrite, inputs=[model_dir, tokenizer_dir])
+    except param_checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
     try:
         text_tok = TextTokenizer.load(str(tokenizer_dir / "text_tokenizer.json"))
@@ -55,7 +55,7 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
     except ValueError as e:
         raise ConversionError(f"{tokenizer_dir / 'text_tokenizer.json'}: {e}") from None
     try:
-        with checkpoint.atomic_directory(out, overwrite=overwrite, inputs=[model_dir, tokenizer_dir]) as tmp:
+        with param_checkpoint.atomic_directory(out, overwrite=overwrite, inputs=[model_dir, tokenizer_dir]) as tmp:
             cfg = conv_decoder.convert(model_dir, tmp / "decoder", dtype=dtype, compute_dtype=compute_dtype,
                                        progress=progress)
             vq_cfg = conv_vqgan.convert(str(tokenizer_dir / "vqgan.ckpt"), str(tokenizer_dir / "vqgan.yaml"),
@@ -81,8 +81,8 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
                 "sources": {"model": str(model_dir.absolute()), "tokenizer": str(tokenizer_dir.absolute())},
                 "mask_image_logits": bool(cfg.mask_image_logits),
             }
-            checkpoint.write_json(tmp, MANIFEST, manifest)
-    except checkpoint.CheckpointError as e:
+            param_checkpoint.write_json(tmp, MANIFEST, manifest)
+    except param_checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
     return manifest
 
@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="decoder activation/matmul dtype recorded in decoder/config.json (default: bfloat16)")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace --out if it exists and was written by lumina-jax (holds "
-                             f"{checkpoint.OUTPUT_MARKER}); never a path that is, holds or lies inside an input")
+                             f"{param_checkpoint.OUTPUT_MARKER}); never a path that is, holds or lies inside an input")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 

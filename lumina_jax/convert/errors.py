@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from lumina_jax.checkpoint import CheckpointError
+from lumina_jax.param_checkpoint import CheckpointError
 
 
 class ConversionError(RuntimeError):

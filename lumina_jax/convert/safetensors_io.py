@@ -137,7 +137,8 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
     if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
         raise bad(f"unknown dtype (known: {', '.join(DTYPES)})")
     shape, offsets = entry["shape"], entry["data_offsets"]
-    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)  # noqa: E731
+    def ints(xs) -> bool:
+        return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
     if not ints(shape) or any(d < 0 for d in shape):
         raise bad("shape must be a list of non-negative integers")
     if not ints(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
@@ -178,8 +179,8 @@ class ModelFiles:
                 raise ConversionError(str(e)) from None
             except (KeyError, TypeError):
                 raise ConversionError(f"{index}: malformed index (no 'weight_map' object)") from None
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(f, str) and f and f == Path(f).name and f not in (".", "..") for f in weight_map.values()):
+            plain = lambda f: isinstance(f, str) and f not in ("", ".", "..") and f == Path(f).name  # noqa: E731
+            if not isinstance(weight_map, dict) or not all(map(plain, weight_map.values())):
                 raise ConversionError(f"{index}: weight_map must map tensor names to file names in {self.directory}")
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.directory / f).is_file()]

@@ -356,7 +356,7 @@ def _check_out(out: str) -> None:
 def _load_models(args, items: list, image_tokenizer) -> tuple["Pretokenizer", dict]:
     """The VQGAN and the tokenizer, loaded (and hashed) before anything is written."""
     if image_tokenizer is None and args.vqgan:
-        from lumina_jax.checkpoint import CheckpointError
+        from lumina_jax.param_checkpoint import CheckpointError
         from lumina_jax.image_tokenizer import ImageTokenizer
 
         try:

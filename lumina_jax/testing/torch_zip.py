@@ -83,7 +83,8 @@ def write_torch_zip(path: str | os.PathLike, tensors: Mapping[str, TensorMeta], 
                     else pickle_bytes)
         zf.writestr("archive/byteorder", "little")
         for key, data in storages.items():
-            zf.writestr(f"archive/data/{key}", np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes())
+            little = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"))
+            zf.writestr(f"archive/data/{key}", little.tobytes())
         zf.writestr("archive/version", "3\n")
     return os.fspath(path)
 
