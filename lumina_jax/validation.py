@@ -13,7 +13,6 @@ import math
 import numbers
 from typing import Any, Callable, Optional
 
-from lumina_jax.unirep import crop_size_list
 
 SEED_MAX = 2**32 - 1  # jax.random.key keeps the low 32 bits: larger (or negative) seeds alias smaller ones
 
@@ -86,6 +85,8 @@ def float_flag(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: 
 
 def target_size_flag(text: str) -> int:
     """An argparse `type=` for a training resolution: one that has a crop list (a positive multiple of 32)."""
+    from lumina_jax.unirep import crop_size_list  # here: unirep imports jax and param_checkpoint, which imports this
+
     value = int_flag(lo=1)(text)
     try:
         crop_size_list(value)

@@ -555,7 +555,7 @@ def test_sampling_settings_refuse_non_finite_and_non_integer_values(kw, needle):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(cfg=float("nan")), "cfg_scale must be a finite number"),
+    (dict(guidance=float("nan")), "guidance must be a finite number"),
     (dict(temperature=float("nan")), "temperature must be a finite number"),
     (dict(cfg_min_p=float("inf")), "cfg_min_p must be a finite number"),
     (dict(seed=2**32), "seed must be in [0, 4294967295], got 4294967296"),
