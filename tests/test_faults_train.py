@@ -14,7 +14,6 @@ states that turn non-finite after a finite loss (an overflowing learning rate, a
 becomes inf) never saved, with the last finite checkpoint named; exports that refuse non-finite weights
 and leave nothing behind.
 """
-import hashlib
 import importlib.util
 import json
 import os
@@ -35,6 +34,7 @@ from lumina_jax.state import init_params, nonfinite_leaves
 from lumina_jax.training import config as config_lib
 from lumina_jax.training import export, trainer
 from lumina_jax.training import train_step as ts
+from test_faults import tree_digest  # the same digest as the other commands' fault table
 from test_train_helpers import REPO, TEST_OVERRIDES, TINY, checkpoint_steps, read_losses
 
 _spec = importlib.util.spec_from_file_location("train_cli_faults", REPO / "train.py")
@@ -102,22 +102,6 @@ def world(tmp_path_factory):
     (r / "exported").mkdir()
     (r / "exported" / "mine.txt").write_text("an earlier export\n")
     return r
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every path under `root` -> what it is: file bytes (sha256), link target, or directory."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
