@@ -8,14 +8,16 @@ Examples:
         --image photo.jpg --out out/ --mesh tensor=8
 
 Writes NNN_seedS_K.png for every generated image and NNN_seedS.json with the prompt, the generated text
-(<|image|> marks each image) and every setting. Tasks: see --task.
+(<|image|> marks each image) and every setting; NNN continues after the files already in --out, so no
+earlier output is replaced. Tasks: see --task.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from lumina_jax.validation import SEED_MAX, float_flag, int_flag, target_size_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,24 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input image file for every prompt (repeat for several; understanding, omni and chat tasks)")
     p.add_argument("--size", default=None,
                    help="WIDTHxHEIGHT of generated images, e.g. 768x512; must be on the model's crop list. "
-                        "Forces the size tokens (and fills the t2i prompt). Without it sizes come from the crop list")
-    p.add_argument("--target-size", type=int, default=None,
+                        "Forces the size tokens (and fills the t2i prompt). Without it t2i uses the square target "
+                        "size (e.g. 768x768) and other tasks sample the size tokens from the crop list")
+    p.add_argument("--target-size", type=target_size_flag, default=None,
                    help="training resolution whose crop list applies (default: the directory's lumina.json)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the task's; 1 = off)")
-    p.add_argument("--cfg-min-p", type=float, default=0.0,
+    p.add_argument("--cfg", type=float_flag(0.0, lo_open=True), default=None,
+                   help="guidance scale, > 0 (default: the task's; 1 = off)")
+    p.add_argument("--cfg-min-p", type=float_flag(0.0, 1.0, hi_open=True), default=0.0,
                    help="with guidance, sample image codes only among those whose conditional probability is at "
                         "least this share of the top code's (0 = off, as the reference; the demo uses 0.05)")
-    p.add_argument("--image-top-k", type=int, default=None, help="top-k inside images (default: the task's)")
-    p.add_argument("--text-top-k", type=int, default=None, help="top-k outside images (default: the task's, 10)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy; default 1)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass after top-k (default 1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image j of a prompt uses seed + j")
-    p.add_argument("--num-images", type=int, default=1, help="answers per prompt (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=8192, help="generation length limit per answer (default 8192)")
+    p.add_argument("--image-top-k", type=int_flag(0), default=None,
+                   help="top-k inside images (default: the task's; 0 = off)")
+    p.add_argument("--text-top-k", type=int_flag(0), default=None,
+                   help="top-k outside images (default: the task's, 10; 0 = off)")
+    p.add_argument("--temperature", type=float_flag(0.0), default=1.0,
+                   help="sampling temperature (0 = greedy; default 1)")
+    p.add_argument("--top-p", type=float_flag(0.0, 1.0, lo_open=True), default=1.0,
+                   help="nucleus sampling mass after top-k, in (0, 1] (default 1 = off)")
+    p.add_argument("--seed", type=int_flag(0, SEED_MAX), default=0,
+                   help=f"seed of the first image, 0..{SEED_MAX}; image j of a prompt uses seed + j")
+    p.add_argument("--num-images", type=int_flag(1), default=1, help="answers per prompt (default 1)")
+    p.add_argument("--max-new-tokens", type=int_flag(1), default=8192,
+                   help="generation length limit per answer (default 8192)")
     p.add_argument("--unconstrained-size", action="store_true",
                    help="sample the size tokens freely, as the reference (default: only crop-list sizes)")
     add_placement_flags(p)
-    p.add_argument("--out", required=True, help="output directory for the PNGs and JSON sidecars")
+    p.add_argument("--out", required=True,
+                   help="output directory for the PNGs and JSON sidecars (created; files of earlier runs are kept: "
+                        "new ones take the next free number NNN)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p
 
@@ -65,22 +77,28 @@ def read_prompts(args) -> tuple[list[str], list[list[str]]]:
     from lumina_jax.inference import InferenceError
 
     if args.prompts_file:
+        name = args.prompts_file
         try:
-            lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
+            with open(name, "rb") as f:
+                data = f.read()
         except OSError as e:
-            raise InferenceError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
-        if args.prompts_file.endswith(".jsonl"):
+            raise InferenceError(f"--prompts-file {name}: {e.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InferenceError(f"--prompts-file {name}: not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                                 f"{e.start})") from None
+        if "\x00" in text:
+            raise InferenceError(f"--prompts-file {name}: holds NUL bytes (a binary file, not text)")
+        lines = text.splitlines()
+        if name.endswith(".jsonl"):
             prompts, images = [], []
             for n, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                try:
-                    item = json.loads(line)
-                    prompts.append(item["prompt"])
-                    images.append(list(item.get("images", [])) + list(args.image))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise InferenceError(f"{args.prompts_file}:{n}: expected {{\"prompt\": ..., \"images\": [...]}} "
-                                         f"({type(e).__name__}: {e})") from None
+                prompt, files = _jsonl_item(line, f"{name}:{n}")
+                prompts.append(prompt)
+                images.append(files + list(args.image))
             return prompts, images
         prompts = [x for x in lines if x.strip()]
     else:
@@ -90,17 +108,37 @@ def read_prompts(args) -> tuple[list[str], list[list[str]]]:
     return prompts, [list(args.image) for _ in prompts]
 
 
+def _jsonl_item(line: str, where: str) -> tuple[str, list[str]]:
+    """One JSONL line: {"prompt": str, "images": [str, ...]} (images optional); a mistake names the line."""
+    from lumina_jax.inference import InferenceError
+    from lumina_jax.validation import parse_json
+
+    usage = 'expected {"prompt": "...", "images": ["path", ...]}'
+    try:
+        item = parse_json(line, where)
+    except ValueError as e:
+        raise InferenceError(f"{e}; {usage}") from None
+    if not isinstance(item, dict) or "prompt" not in item:
+        raise InferenceError(f"{where}: {usage}, got {line.strip()[:80]!r}")
+    if not isinstance(item["prompt"], str):
+        raise InferenceError(f"{where}: \"prompt\" must be a string, got {type(item['prompt']).__name__}")
+    files = item.get("images", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise InferenceError(f"{where}: \"images\" must be a list of paths, got {json.dumps(files)[:80]}")
+    return item["prompt"], files
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina, parse_size
+    from lumina_jax.inference import (DEFAULT_CHECKPOINT, InferenceError, Lumina, load_image_file, parse_size,
+                                      writable_output_dir)
 
     try:
         prompts, images = read_prompts(args)
         size = parse_size(args.size) if args.size else None
-        for files in images:  # fail on a missing file before loading the model
-            for f in files:
-                if not os.path.isfile(f):
-                    raise InferenceError(f"image file not found: {f}")
+        writable_output_dir(args.out)  # before the model loads and generates
+        opened = {f: load_image_file(f) for files in images for f in files}  # decoded before the model loads
+        images = [[opened[f] for f in files] for files in images]
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT, mesh=args.mesh, rules=args.rules, dtype=args.dtype,
                          target_size=args.target_size)
         if size is not None:
@@ -120,7 +158,8 @@ def main(argv=None) -> int:
         if r.unfinished_image:
             print(f"warning: seed {r.seed}: the length limit cut an image ({r.unfinished_image}); "
                   "raise --max-new-tokens", file=sys.stderr)
-    print(f"wrote {n_img} image(s) and {len(results)} JSON file(s) to {args.out}")
+    numbers = sorted({p.name.split("_")[0] for p in written})
+    print(f"wrote {n_img} image(s) and {len(results)} JSON file(s) to {args.out} (numbers {numbers[0]}..{numbers[-1]})")
     return 0
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from lumina_jax.validation import check_float, check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class ChameleonConfig:
@@ -43,15 +45,23 @@ class ChameleonConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "q_norm_rows", "k_norm_rows"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"ChameleonConfig.{name}={getattr(self, name)} must be a positive integer")
+                     "head_dim", "q_norm_rows", "k_norm_rows", "max_position_embeddings"):
+            check_int(f"ChameleonConfig.{name}", getattr(self, name), 1, 2**31 - 1)
+        for name in ("image_token_start", "image_token_end"):
+            check_int(f"ChameleonConfig.{name}", getattr(self, name), 0, 2**31 - 1)
+        for name in ("rope_theta", "rms_norm_eps", "qk_norm_eps"):
+            check_float(f"ChameleonConfig.{name}", getattr(self, name), 0.0, lo_open=True)
+        check_float("ChameleonConfig.z_loss_weight", self.z_loss_weight, 0.0)
+        check_float("ChameleonConfig.dropout", self.dropout)
+        for name in ("swin_norm", "mask_image_logits", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ChameleonConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.head_dim % 2:
             raise ValueError(f"ChameleonConfig.head_dim={self.head_dim} must be even (rotate-half RoPE)")
         for name in ("param_dtype", "dtype", "logits_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
-            except TypeError:
+            except (TypeError, ValueError):
                 raise ValueError(f"ChameleonConfig.{name}={getattr(self, name)!r} is not a dtype name") from None
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ChameleonConfig.dropout={self.dropout} must be in [0, 1)")

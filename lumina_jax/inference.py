@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,6 +31,7 @@ from lumina_jax import param_checkpoint
 from lumina_jax.sampling import processors
 from lumina_jax.state import restore_params
 from lumina_jax.tasks import get_task
+from lumina_jax.validation import SEED_MAX, check_int
 
 # The shipped demo model (`python -m lumina_jax.demo.recipe`), used when no checkpoint is given.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo_weights"
@@ -38,7 +40,7 @@ DEMO_CFG_MIN_P = 0.05
 
 MANIFEST = "lumina.json"
 IMAGE_PLACEHOLDER = "<|image|>"
-MAX_SEED = 2**32 - 1  # PRNG keys keep a seed's low 32 bits, so larger seeds would repeat smaller ones
+MAX_SEED = SEED_MAX  # PRNG keys keep a seed's low 32 bits, so larger seeds would repeat smaller ones
 
 
 class InferenceError(ValueError):
@@ -65,6 +67,31 @@ class Result:
                 "unfinished_image": self.unfinished_image, "settings": self.settings}
 
 
+def writable_output_dir(out: str | os.PathLike) -> Path:
+    """Checks that `out` is (or can be created as) a writable directory, before any work is done."""
+    out = Path(out)
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise InferenceError(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InferenceError(f"--out {out}: {existing} is not writable")
+    return out
+
+
+def load_image_file(path: str | os.PathLike) -> "Image.Image":
+    """An input image file, fully decoded; a missing, truncated, oversized or non-image file is one line naming it."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise InferenceError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise InferenceError(f"image file {path}: unreadable ({e})") from None
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'768x512' -> (768, 512) (width x height in pixels)."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
@@ -84,12 +111,15 @@ def add_placement_flags(p) -> None:
 
 
 def check_seed(seed: Any, num_images: int = 1) -> int:
-    """`seed` as an int; its answers use seed .. seed + num_images - 1, which must all lie in [0, MAX_SEED]."""
-    top = MAX_SEED - (num_images - 1)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= top:
-        raise InferenceError(f"seed must be an integer in [0, {top}] (with {num_images} image(s) per prompt), "
-                             f"got {seed!r}")
-    return int(seed)
+    """`seed` as an int; its answers use seed .. seed + num_images - 1, which must all lie in [0, SEED_MAX]."""
+    try:
+        seed = check_int("seed", seed, 0, SEED_MAX)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
+    if seed + num_images - 1 > SEED_MAX:  # row j uses seed + j; larger seeds would repeat smaller ones
+        raise InferenceError(f"seed {seed} with num_images {num_images}: seeds up to {seed + num_images - 1} "
+                             f"are needed but they must lie in [0, {SEED_MAX}]")
+    return seed
 
 
 class Lumina:
@@ -119,9 +149,30 @@ class Lumina:
         from lumina_jax.image_tokenizer import ImageTokenizer
         from lumina_jax.tokenizer import SpecialIds, TextTokenizer
 
+        from lumina_jax import sharding as S
+        from lumina_jax.unirep import crop_size_list
+
         directory = Path(directory)
         if not directory.is_dir():
             raise InferenceError(f"{directory}: checkpoint directory does not exist")
+        try:
+            rule_set = S.rule_set(rules)
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
+        # the request's own values first, so their mistakes are not reported as an unreadable checkpoint
+        if target_size is not None:
+            try:
+                check_int("target_size", target_size, 1)
+                crop_size_list(target_size)
+            except ValueError as e:
+                raise InferenceError(str(e)) from None
+        try:
+            if mesh is None:
+                mesh_obj = S.make_mesh("data=1", devices=jax.devices()[:1])
+            else:
+                mesh_obj = S.make_mesh(mesh) if isinstance(mesh, str) else mesh
+        except ValueError as e:
+            raise InferenceError(f"mesh {mesh!r}: {e}") from None
         try:
             manifest = param_checkpoint.read_json(directory, MANIFEST)
         except (param_checkpoint.CheckpointError, json.JSONDecodeError) as e:
@@ -138,27 +189,22 @@ class Lumina:
                 processors.TokenIds.from_special_ids(special, cfg.vocab_size)
             except ValueError as e:
                 raise InferenceError(f"{directory}: decoder and tokenizer disagree: {e}") from None
-            from lumina_jax import sharding as S
-
-            if mesh is None:
-                mesh_obj = S.make_mesh("data=1", devices=jax.devices()[:1])
-            else:
-                mesh_obj = S.make_mesh(mesh) if isinstance(mesh, str) else mesh
-            try:
-                rule_set = S.rule_set(rules)
-            except ValueError as e:
-                raise InferenceError(str(e)) from None
             params = restore_params(dec_dir, cfg, mesh_obj, rule_set)
             vq = ImageTokenizer.from_checkpoint(directory / manifest["vqgan"])
-        except (param_checkpoint.CheckpointError, KeyError, ValueError, FileNotFoundError, OSError) as e:
+        except (param_checkpoint.CheckpointError, KeyError, TypeError, ValueError, FileNotFoundError, OSError) as e:
             if isinstance(e, InferenceError):
                 raise
-            raise InferenceError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+            raise InferenceError(f"{directory}: unreadable checkpoint ({type(e).__name__}: "
+                                 f"{param_checkpoint.one_line(e)})") from None
         if vq.config.n_embed != special.num_image_codes:
             raise InferenceError(f"{directory}: VQGAN has {vq.config.n_embed} codes but the tokenizer has "
                                  f"{special.num_image_codes} image tokens")
-        return cls(directory, cfg, params, vq, tok, special, int(target_size or manifest.get("target_size", 512)),
-                   mesh_obj, rule_set)
+        target = target_size or manifest.get("target_size", 512)
+        try:
+            crop_size_list(check_int("target_size", target, 1))
+        except ValueError as e:
+            raise InferenceError(f"{directory / MANIFEST}: {e}") from None
+        return cls(directory, cfg, params, vq, tok, special, int(target), mesh_obj, rule_set)
 
     # ---- prompts ---------------------------------------------------------------------------------------------
     def size_to_patches(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -172,21 +218,9 @@ class Lumina:
 
     def encode_images(self, images: Sequence[Any]) -> list[list[int]]:
         """PIL images or paths -> UniRep token ids (center crop to the closest crop size, VQGAN in batches)."""
-        from PIL import Image
-
         from lumina_jax.unirep import images_to_unirep
 
-        pils = []
-        for im in images:
-            if isinstance(im, (str, os.PathLike)):
-                if not os.path.isfile(im):
-                    raise InferenceError(f"image file not found: {im}")
-                try:
-                    im = Image.open(im)
-                    im.load()
-                except OSError as e:
-                    raise InferenceError(f"image file {im}: unreadable ({e})") from None
-            pils.append(im)
+        pils = [load_image_file(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
         if not pils:
             return []
         return [t.tolist() for t in images_to_unirep(pils, self.image_tokenizer, self.crop_sizes, self.special)]
@@ -246,8 +280,9 @@ class Lumina:
 
         Answer j of prompt i uses seed `seed + j`, or `seeds[i] + j` when `seeds` (one per prompt) is given:
         a row's tokens depend only on its prompt, settings and seed, so callers may batch unrelated requests.
-        `size` (W, H) forces the size tokens (and fills the t2i template); without it the size tokens are
-        limited to the crop list of the target size (`constrain_size=False`: unconstrained, as the reference).
+        `size` (W, H) forces the size tokens (and fills the t2i template); without it t2i uses the square target
+        size and other tasks limit the size tokens to the crop list of the target size (`constrain_size=False`:
+        unconstrained, as the reference). Prompts must be shorter than the model's context.
         `guidance` (the classifier-free guidance scale, 1 = off), `image_top_k`, `text_top_k` default to the
         task preset's values. `cfg_min_p` > 0 limits guided image steps to codes with conditional probability
         >= cfg_min_p x the top one's (`SamplingSettings`).
@@ -263,12 +298,20 @@ class Lumina:
         """
         if isinstance(size, str):
             size = parse_size(size)
+        try:
+            template = get_task(task).template
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
+        if size is None and "{width}" in template:  # the prompt names a size: the square target size
+            size = (self.target_size, self.target_size)
         forced = self.size_to_patches(size) if size is not None else None
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise InferenceError(f"{len(images)} image lists for {len(prompts)} prompts")
-        if num_images < 1:
-            raise InferenceError(f"num_images must be >= 1, got {num_images}")
+        try:
+            check_int("num_images", num_images, 1)
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
         if pad_rows_to is not None and pad_rows_to < 1:
             raise InferenceError(f"pad_rows_to must be >= 1, got {pad_rows_to}")
         seeds = [seed] * len(prompts) if seeds is None else list(seeds)
@@ -281,6 +324,11 @@ class Lumina:
                                           max_new_tokens=max_new_tokens, constrain_size=constrain_size)
         header = self.answer_header(task, size, open_image)
         base = [self.prompt_ids(p, task, im, size) + header for p, im in zip(prompts, images)]
+        context = self.config.max_position_embeddings
+        for i, ids in enumerate(base):
+            if len(ids) >= context:
+                raise InferenceError(f"prompt {i} is {len(ids)} tokens; the model's context is {context} tokens "
+                                     "(max_position_embeddings of decoder/config.json), answer included")
         rows = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
         total = self.expected_new_tokens(size, len(header), settings.max_new_tokens)
         out_rows = self._run([base[i] for i, _ in rows], [int(seeds[i]) + j for i, j in rows],
@@ -387,27 +435,67 @@ class Lumina:
     # ---- output ----------------------------------------------------------------------------------------------
     @staticmethod
     def save(results: Sequence[Result], out_dir: str | os.PathLike, run_info: dict | None = None) -> list[Path]:
-        """Writes `NNN_seedS_K.png` per image and `NNN_seedS.json` per result; returns the paths written."""
-        out = Path(out_dir)
+        """Writes `NNN_seedS_K.png` per image and `NNN_seedS.json` per result; returns the paths written.
+
+        NNN continues after the highest number already in `out_dir`, and every file is created exclusively
+        (written under a temporary name, then hard-linked into place), so no earlier output is ever replaced,
+        even by a run writing into the same directory at the same time.
+        """
+        out = writable_output_dir(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for m in (re.match(r"(\d+)_seed", p.name) for p in out.iterdir()) if m]
+        n = max(taken, default=-1) + 1
         written = []
-        for n, r in enumerate(results):
-            stem = f"{n:03d}_seed{r.seed}"
-            files = []
-            for k, im in enumerate(r.images):
-                if isinstance(im, str):
-                    files.append(im)
-                    continue
-                p = out / f"{stem}_{k}.png"
-                im.save(p)
-                files.append(p.name)
-                written.append(p)
-            meta = r.to_json()
-            meta["images"] = files
-            if run_info:
-                meta["run"] = run_info
-            p = out / f"{stem}.json"
-            p.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-            written.append(p)
+        for r in results:
+            while True:
+                try:
+                    written += _save_result(r, out, n, run_info)
+                    break
+                except FileExistsError:  # a name already taken: this result moves to the next number
+                    n += 1
+            n += 1
         return written
+
+
+def _save_result(r: Result, out: Path, n: int, run_info: dict | None) -> list[Path]:
+    """One result's PNGs and JSON sidecar under number `n`; raises FileExistsError (leaving nothing) if taken."""
+    stem = f"{n:03d}_seed{r.seed}"
+    made: list[Path] = []
+    try:
+        files = []
+        for k, im in enumerate(r.images):
+            if isinstance(im, str):
+                files.append(im)
+                continue
+            made.append(_create_new(out / f"{stem}_{k}.png", lambda f, im=im: im.save(f, format="PNG")))
+            files.append(made[-1].name)
+        meta = r.to_json()
+        meta["images"] = files
+        if run_info:
+            meta["run"] = run_info
+        text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        made.append(_create_new(out / f"{stem}.json", lambda f: f.write(text.encode("utf-8"))))
+    except BaseException:
+        for p in made:
+            p.unlink(missing_ok=True)
+        raise
+    return made
+
+
+def _create_new(path: Path, write) -> Path:
+    """Writes `path` through a temporary file and links it into place; FileExistsError if `path` exists."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: an exclusive create, then the bytes
+            with open(path, "xb") as dst, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, dst)
+    finally:
+        os.unlink(tmp)
+    return path
 

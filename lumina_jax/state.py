@@ -14,6 +14,7 @@ Shardings come from the parameters' logical axis names (docs/model.md) through t
     params = restore_params(ckpt_dir, config, mesh, rules)         # a parameter checkpoint, into its shards
     state = init_train_state(config, tx, mesh, rules, seed)        # or params=restore_params(...)
     target = abstract_train_state(config, tx, mesh, rules)         # sharded ShapeDtypeStructs, to restore into
+    nonfinite_leaves(state)                                        # names of leaves holding NaN/inf ([] = fit to save)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -175,3 +177,43 @@ def init_train_state(config: ChameleonConfig, tx: optax.GradientTransformation, 
     if params is None:
         params = init_params(config, seed, mesh, rules)
     return jax.jit(lambda p: new_train_state(tx, p, seed), out_shardings=shardings, donate_argnums=0)(params)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finiteness
+
+
+def leaf_path_name(path) -> str:
+    """"opt_state/1/0/mu/lm_head/kernel": a pytree key path as one name (dict keys, attributes, indices)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _float_leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    """("a/b/c", leaf) for every floating-point leaf (integer leaves such as step counts cannot be NaN)."""
+    return [(leaf_path_name(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def finite_flags(tree: Any) -> jax.Array:
+    """bool (n,): whether each floating-point leaf of `tree` is free of NaN and inf, in `float_leaf_names` order.
+
+    Traceable: inside the train step it is one small output computed with the update (no extra host sync),
+    and a sharded leaf is reduced where it lies, so only n booleans cross devices.
+    """
+    leaves = [x for _, x in _float_leaves_with_paths(tree)]
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves]) if leaves else jnp.ones((0,), bool)
+
+
+def float_leaf_names(tree: Any) -> list[str]:
+    """Names ("params/lm_head/kernel", "opt_state/1/0/mu/...") of the leaves `finite_flags` checks, in order."""
+    return [n for n, _ in _float_leaves_with_paths(tree)]
+
+
+def names_where_false(names: list[str], flags: Any) -> list[str]:
+    """The names whose flag (from `finite_flags`, fetched to the host) is False."""
+    return [n for n, ok in zip(names, np.asarray(flags)) if not ok]
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Names of the floating-point leaves of `tree` (arrays, sharded or not) holding NaN or inf."""
+    return names_where_false(float_leaf_names(tree), jax.device_get(jax.jit(finite_flags)(tree)))

@@ -153,7 +153,9 @@ def test_cli_help_lists_every_flag(capsys):
 
 
 def test_cli_bad_target_size_is_one_line(tmp_path, capsys):
-    assert shapes.main(["--out", str(tmp_path / "x"), "--target-size", "50", "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "target_size=50" in err and "\n" not in err
+    with pytest.raises(SystemExit) as e:  # a usage error, found by argparse
+        shapes.main(["--out", str(tmp_path / "x"), "--target-size", "50", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "argument --target-size: target_size=50" in err[-1] and err[0].startswith("usage:")
     assert not os.path.exists(tmp_path / "x")

@@ -344,7 +344,7 @@ def test_bad_inputs_named():
 
 
 @pytest.mark.parametrize("override,needle", [
-    (dict(dtype="bf16"), "dtype='bf16'"), (dict(num_heads=0), "num_heads=0"), (dict(head_dim=15), "head_dim=15"),
+    (dict(dtype="bf16"), "dtype='bf16'"), (dict(num_heads=0), "num_heads must be in .1, 2147483647., got 0"), (dict(head_dim=15), "head_dim=15"),
     (dict(num_kv_heads=3), "num_kv_heads=3"), (dict(q_norm_rows=3), "q_norm_rows=3"), (dict(dropout=1.0), "dropout"),
 ])
 def test_config_errors_name_the_field(override, needle):

@@ -44,3 +44,31 @@ def test_save_without_host_copy_restores_the_same(tmp_path):
     out = param_checkpoint.restore_params(tmp_path / "c")
     np.testing.assert_array_equal(np.asarray(out["a"]["kernel"]), params["a"]["kernel"])
     np.testing.assert_array_equal(np.asarray(out["b"]), params["b"])
+
+
+def test_a_failed_overwrite_keeps_the_previous_directory(tmp_path):
+    out = tmp_path / "c"
+    with param_checkpoint.atomic_directory(out) as d:
+        param_checkpoint.write_json(d, "x.json", {"v": 1})
+    with pytest.raises(RuntimeError):
+        with param_checkpoint.atomic_directory(out, overwrite=True) as d:
+            param_checkpoint.write_json(d, "x.json", {"v": 2})
+            raise RuntimeError("boom")
+    assert param_checkpoint.read_json(out, "x.json") == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    with param_checkpoint.atomic_directory(out, overwrite=True) as d:
+        param_checkpoint.write_json(d, "x.json", {"v": 3})
+    assert param_checkpoint.read_json(out, "x.json") == {"v": 3} and sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_overwrite_refuses_directories_lumina_jax_did_not_write(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(param_checkpoint.CheckpointError, match="has no lumina_jax_output.json"):
+        with param_checkpoint.atomic_directory(tmp_path / "mine", overwrite=True):
+            pass
+    with pytest.raises(param_checkpoint.CheckpointError, match="the output contains the input"):
+        with param_checkpoint.atomic_directory(tmp_path, overwrite=True, inputs=[tmp_path / "mine" / "notes.txt"]):
+            pass
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -164,10 +164,10 @@ def test_ratio_subsampling_and_host_sharding(data):
     assert set().union(*parts) <= {tuple(p) for p in e0}
 
 
-def test_overlong_item_is_an_error(data):
-    it = make_train_iterator({"META": [{"path": str(data["dir"] / "a")}]}, seq_len=20, batch_size=2, seed=0)
-    with pytest.raises(ValueError, match=r"item id \d+ has \d+ tokens, more than seq_len \+ 1 = 21"):
-        _take(it, 20)
+def test_overlong_item_is_an_error_before_the_first_batch(data):
+    with pytest.raises(ValueError, match=r"META\[0\]: .*/a: \d+ item\(s\) have more than seq_len \+ 1 = 21 tokens, "
+                                         r"e\.g\. item id \d+ with \d+"):
+        make_train_iterator({"META": [{"path": str(data["dir"] / "a")}]}, seq_len=20, batch_size=2, seed=0)
 
 
 def test_data_config_parsing(data, tmp_path):
@@ -176,12 +176,12 @@ def test_data_config_parsing(data, tmp_path):
     assert cfg.sources[0].path == str(data["dir"] / "a")  # relative to the YAML file
     bad = tmp_path / "bad.yaml"
     for text, msg in [("foo: 1\n", "top-level key 'META'"), ("META:\n  - ratio: 1\n", r"META\[0\] has no 'path'"),
-                      ("META:\n  - path: x\n    ratio: -1\n", r"META\[0\].ratio must be a positive number"),
+                      ("META:\n  - path: x\n    ratio: -1\n", r"META\[0\].ratio must be > 0.0, got -1.0"),
                       ("META:\n  - path: x\n    weight: 2\n", r"unknown keys \['weight'\]")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=msg):
             DataMix.from_yaml(str(bad))
-    with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
+    with pytest.raises(ValueError, match="is not a pre-tokenized dataset: no dataset_info.json"):
         make_train_iterator({"META": [{"path": str(tmp_path)}]}, seq_len=8, batch_size=1, seed=0)
 
 

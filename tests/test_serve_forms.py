@@ -54,7 +54,7 @@ def test_requests_differing_only_in_prompt_and_seed_share_a_group(lm, defaults):
     (dict(guidance_floor=float("inf")), "must be a finite number, got inf"),
     (dict(guidance_floor=1.0), "must be in [0, 1)"),
     (dict(image_top_k=-1), "top-k must be >= 0"),
-    (dict(seed=-1), "seed must be an integer in [0, 4294967295]"),
+    (dict(seed=-1), "seed must be in [0, 4294967295], got -1"),
     (dict(seed=2.5), "seed must be an integer"),
     (dict(num_images=0), "number of images must be an integer from 1 to 8, got 0"),
     (dict(num_images=9), "got 9"),

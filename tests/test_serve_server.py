@@ -70,7 +70,7 @@ def _png(data: bytes) -> Image.Image:
     (dict(prompt=PROMPT, size="100x100"), 400, "size 100x100 is not on the crop list for target size 128"),
     (dict(prompt=PROMPT, guidance=float("nan")), 400, "must be a finite number, got nan"),
     (dict(prompt=PROMPT, guidance_floor=2.0), 400, "must be in [0, 1)"),
-    (dict(prompt=PROMPT, seed=-5), 400, "seed must be an integer in [0, 4294967295]"),
+    (dict(prompt=PROMPT, seed=-5), 400, "seed must be in [0, 4294967295], got -5"),
     (dict(prompt=PROMPT, num_images=50, format="base64"), 400, "number of images must be an integer from 1 to 8"),
     (dict(prompt=PROMPT, num_images=2), 400, "format png returns one image"),
     (dict(prompt=3), 422, "prompt: Input should be a valid string"),

@@ -69,7 +69,7 @@ def test_cli_help_and_errors():
         assert flag in out.stdout
     bad = run("--config", str(REPO / "configs" / "tiny_cpu.py"), "optimizer.nope=1")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("train.py: override optimizer.nope")
+    assert bad.stderr.strip().splitlines()[-1].startswith("train.py: error: override optimizer.nope")
     printed = run("--config", str(REPO / "configs" / "tiny_cpu.py"), "--print_config", "seed=7")
     assert printed.returncode == 0 and '"seed": 7' in printed.stdout
 

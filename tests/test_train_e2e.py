@@ -116,7 +116,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path):
                                         "optimizer.lr=1e30", "optimizer.clip_grad_norm=0",
                                         "checkpoint.save_interval_steps=1", "data.seq_len=32",
                                         "log.progress_bar=false", "log.tensorboard=false"])
-    with pytest.raises(trainer.NonFiniteLossError, match=r"step 2: .*not finite.*last good checkpoint: step 1"):
+    with pytest.raises(trainer.NonFiniteError, match=r"step 2: .*not finite.*last finite checkpoint: step 1"):
         trainer.train(cfg)
     assert checkpoint_steps(out) == [1]
     assert max(read_losses(out)) == 1

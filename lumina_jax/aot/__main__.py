@@ -23,6 +23,7 @@ from lumina_jax.aot.programs import GenerateSpec, lower_generate, lower_train  #
 from lumina_jax.aot.report import compile_and_report, format_report  # noqa: E402
 from lumina_jax.aot.topology import build_mesh, parse_topology, topology_devices  # noqa: E402
 from lumina_jax.training.config import apply_override, load_config  # noqa: E402
+from lumina_jax.validation import float_flag, int_flag  # noqa: E402
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                "generate.param_dtype). Exit status: 0 fits, 3 does not fit, 2 bad arguments.")
     p.add_argument("--topology", required=True,
                    help="TPU slice as <generation>:<shape>, generation one of v4, v5e, v5p, v6e; e.g. v5e:2x2, v5p:4x4x4")
-    p.add_argument("--slices", type=int, default=None,
+    p.add_argument("--slices", type=int_flag(1, 4096), default=None,
                    help="number of such slices joined over the data-centre network; the mesh's data axis spans "
                         "them. Same as the override parallel.num_slices=N, which train.py reads (default: the "
                         "config's parallel.num_slices)")
@@ -48,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("train", "generate"), default="train",
                    help="train: the train step with optimizer, remat and accumulation of the config; generate: "
                         "prefill + the guided decode loop (default train)")
-    p.add_argument("--per-device-batch", type=float, default=0,
+    p.add_argument("--per-device-batch", type=float_flag(0.0), default=0,
                    help="train: set data.global_batch_size to this many sequences per chip times the chip count "
                         "(0 = keep the config's global batch)")
-    p.add_argument("--mfu", type=float, default=0.4,
+    p.add_argument("--mfu", type=float_flag(0.0, 1.0, lo_open=True), default=0.4,
                    help="model FLOPs utilisation assumed for the step-time estimate (default 0.4)")
     p.add_argument("--json", default="", help="also write the report as JSON to this path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
@@ -100,6 +101,11 @@ def run(args: argparse.Namespace):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
+    if args.json:  # before the compile, which can take minutes
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json}: " + ("is a directory" if os.path.isdir(args.json) else
+                                                    f"directory {folder} does not exist or is not writable"))
     try:
         rep = run(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
@@ -107,8 +113,10 @@ def main(argv=None) -> int:
         return 2
     print(format_report(rep))
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(rep.to_dict(), f, indent=2, default=str)
+        os.replace(tmp, args.json)
     return 0 if rep.fits else EXIT_DOES_NOT_FIT
 
 

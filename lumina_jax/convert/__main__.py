@@ -2,19 +2,22 @@
 
 Each command lives in its own module exposing `add_arguments(parser, command)` and `run(args) -> int`
 (`args.command` says which command ran, so one module can serve a command and its export twin).
-Errors that the user can fix (a missing file, a bad key, a wrong shape) are raised as
-`ConversionError` and printed as one line naming the problem, with exit status 1.
+Errors that the user can fix (a missing file, a bad key, a wrong shape, an output path that would touch an
+input) are raised as `ConversionError` or `CheckpointError` and printed as one line naming the problem, with
+exit status 1; a bad flag value is a usage error (exit status 2).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
 # Conversion never needs an accelerator; keep JAX (started by Orbax) on the host unless told otherwise.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from lumina_jax.param_checkpoint import CheckpointError
 from lumina_jax.convert.errors import ConversionError
 
 # command name -> (module, one-line help)
@@ -49,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's warnings would add lines to a one-line error
     if getattr(args, "_unavailable", None):
         print(f"error: command '{args.command}' is not available in this build ({args._unavailable})", file=sys.stderr)
         return 2
     try:
         return int(args._module.run(args) or 0)
-    except ConversionError as e:
+    except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

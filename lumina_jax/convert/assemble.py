@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lumina_jax import param_checkpoint
 from lumina_jax.convert.errors import ConversionError
+from lumina_jax.validation import target_size_flag
 
 MANIFEST = "lumina.json"
 TOKENIZER_FILES = ("text_tokenizer.json", "vqgan.yaml", "vqgan.ckpt")
@@ -44,15 +45,17 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
         crop_size_list(target_size)
     except ValueError as e:
         raise ConversionError(f"--target-size: {e}") from None
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: output directory already exists (pass --overwrite to replace it)")
+    try:
+        param_checkpoint.check_output_dir(out, overwrite, inputs=[model_dir, tokenizer_dir])
+    except param_checkpoint.CheckpointError as e:
+        raise ConversionError(str(e)) from None
     try:
         text_tok = TextTokenizer.load(str(tokenizer_dir / "text_tokenizer.json"))
         special = SpecialIds.from_tokenizer(text_tok)
     except ValueError as e:
         raise ConversionError(f"{tokenizer_dir / 'text_tokenizer.json'}: {e}") from None
     try:
-        with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+        with param_checkpoint.atomic_directory(out, overwrite=overwrite, inputs=[model_dir, tokenizer_dir]) as tmp:
             cfg = conv_decoder.convert(model_dir, tmp / "decoder", dtype=dtype, compute_dtype=compute_dtype,
                                        progress=progress)
             vq_cfg = conv_vqgan.convert(str(tokenizer_dir / "vqgan.ckpt"), str(tokenizer_dir / "vqgan.yaml"),
@@ -92,14 +95,16 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--tokenizer", required=True,
                         help="Chameleon's tokenizer folder holding text_tokenizer.json, vqgan.yaml and vqgan.ckpt")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--target-size", type=int, default=512,
+    parser.add_argument("--target-size", type=target_size_flag, default=512,
                         help="training resolution of the model (512, 768 or 1024): its crop list limits the "
                              "image sizes at inference (default: 512)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="storage dtype of the decoder parameters (default: as in the safetensors)")
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                         help="decoder activation/matmul dtype recorded in decoder/config.json (default: bfloat16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace --out if it exists and was written by lumina-jax (holds "
+                             f"{param_checkpoint.OUTPUT_MARKER}); never a path that is, holds or lies inside an input")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 

@@ -37,8 +37,9 @@ from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.convert import hf_config as hfc
 from lumina_jax.convert import safetensors_io as sio
-from lumina_jax.convert.errors import ConversionError
+from lumina_jax.convert.errors import ConversionError, checkpoint_errors_as_conversion_errors
 from lumina_jax.state import param_shapes
+from lumina_jax.validation import parse_json
 
 LAYER = "{L}"  # placeholder for the layer index in HF key patterns
 SKIP_PREFIXES = ("model.vqmodel.",)  # the VQGAN encoder bundled by transformers; converted by `vqgan`
@@ -206,9 +207,9 @@ def _read_hf_config(path: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: malformed JSON ({e})") from None
+        return parse_json(path.read_bytes(), str(path))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compute_dtype: str = "bfloat16",
@@ -216,8 +217,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
             progress: bool = True) -> ChameleonConfig:
     """Hugging Face directory `src` -> lumina-jax checkpoint directory `out`; returns the config written."""
     src, out = Path(src), Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: output directory already exists (pass --overwrite to replace it)")
+    with checkpoint_errors_as_conversion_errors():
+        param_checkpoint.check_output_dir(out, overwrite, inputs=[src])
     hf = _read_hf_config(src / "config.json")
     hfc.chameleon_config_from_hf(hf, source=str(src / "config.json"))  # architecture checks before reading weights
     files = sio.ModelFiles(src)
@@ -253,7 +254,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
     if shapes != model_shapes:
         raise RuntimeError(f"internal: KEY_TABLE shapes {shapes} differ from the decoder's {model_shapes}")
 
-    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite, inputs=[src]) as tmp:
         leaves = {path: np.empty(shape, leaf_dtype[path]) for path, shape in shapes.items()}
         total = sum(files.tensors[p.hf_key].nbytes for p in plans)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
@@ -286,8 +287,8 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
            progress: bool = True) -> list[str]:
     """lumina-jax checkpoint `src` -> Hugging Face directory `out` (config.json + safetensors); returns file names."""
     src, out = Path(src), Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: output directory already exists (pass --overwrite to replace it)")
+    with checkpoint_errors_as_conversion_errors():
+        param_checkpoint.check_output_dir(out, overwrite, inputs=[src, hf_config_path])
     limit = sio.parse_size(max_shard_size)
     try:
         cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(src, "config.json"))
@@ -305,15 +306,17 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
         hfc.chameleon_config_from_hf(hf, source=hf_source, q_norm_rows=cfg.q_norm_rows, k_norm_rows=cfg.k_norm_rows)
         hfc.check_hf_config_matches(hf, cfg, hf_source)
 
-    try:
-        params = param_checkpoint.restore_params(src)
-    except param_checkpoint.CheckpointError as e:
-        raise ConversionError(str(e)) from None
-    flat = {k: np.asarray(v) for k, v in flatten_dict(params, sep="/").items()}
-    del params
-    problems = param_checkpoint.shape_mismatches({k: v.shape for k, v in flat.items()}, leaf_shapes(cfg))
+    with checkpoint_errors_as_conversion_errors():
+        stored = param_checkpoint.params_metadata(src)  # checked before any array is read
+    problems = param_checkpoint.shape_mismatches({k: v.shape for k, v in stored.items()}, leaf_shapes(cfg))
+    problems += [f"non-float {k} {v.dtype}" for k, v in stored.items()
+                 if np.dtype(v.dtype).kind != "f" and np.dtype(v.dtype) != np.dtype(ml_dtypes.bfloat16)]
     if problems:
         raise ConversionError(f"{src}: parameters do not match config.json: {'; '.join(problems)}")
+    with checkpoint_errors_as_conversion_errors():
+        params = param_checkpoint.restore_params(src, unflatten_dict(stored, sep="/"))
+    flat = {k: np.asarray(v) for k, v in flatten_dict(params, sep="/").items()}
+    del params
 
     export_cfg = cfg
     if qk_norm_rows == "heads":
@@ -344,7 +347,7 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
             if key in hf and hf[key] != torch_dtype:
                 hf[key] = torch_dtype
 
-    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite, inputs=[src, hf_config_path]) as tmp:
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
                   disable=not progress, file=sys.stderr) as bar:
             names = sio.write_model(tmp, specs, limit, metadata={"format": "pt"},
@@ -356,6 +359,10 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+
+OVERWRITE_HELP = (f"replace OUT if it exists and was written by lumina-jax (holds "
+                  f"{param_checkpoint.OUTPUT_MARKER}); never a path that is, holds or lies inside an input")
+
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -380,7 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="image-logit masking in config.json: auto = the source's Lumina "
                                  "`mask_image_logits` field, else true as in transformers (must be false to "
                                  "generate images)")
-        parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     elif command == "chameleon-export":
         parser.description = (
@@ -403,7 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="q/k-norm rows to write: stored = as in the checkpoint (bit-identical round "
                                  "trip; Lumina files have 1 or model-parallel-size rows), heads = one row per "
                                  "head, the layout stock transformers loads")
-        parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     else:
         raise ValueError(f"unknown command {command!r}")

@@ -10,6 +10,7 @@ from typing import Any
 
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.convert.errors import ConversionError
+from lumina_jax.validation import check_float, check_int
 
 SUPPORTED_MODEL_TYPES = ("chameleon",)
 SUPPORTED_ARCHITECTURES = (
@@ -45,7 +46,10 @@ def rope_theta_of(hf: dict, source: str) -> float:
         if hf.get("rope_scaling") not in (None, {}):
             raise ConversionError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported (only plain RoPE)")
         theta = field(hf, "rope_theta")
-    return float(theta)
+    try:
+        return check_float("rope_theta", theta, 0.0, lo_open=True)
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from None
 
 
 def image_token_range(hf: dict, vocab_size: int, source: str) -> tuple[int, int]:
@@ -57,7 +61,12 @@ def image_token_range(hf: dict, vocab_size: int, source: str) -> tuple[int, int]
             raise ConversionError(f"{source}: vocabulary_map is missing and vocab_size={vocab_size} is too small for "
                                   f"the default image ids {start}..{end - 1}")
         return start, end
-    ids = sorted(int(v) for k, v in vocab.items() if k.startswith(IMAGE_NAME_PREFIX))
+    if not isinstance(vocab, dict):
+        raise ConversionError(f"{source}: vocabulary_map must be an object of token names to ids")
+    try:
+        ids = sorted(check_int(f"vocabulary_map[{k!r}]", v, 0) for k, v in vocab.items() if k.startswith(IMAGE_NAME_PREFIX))
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from None
     if not ids:
         raise ConversionError(f"{source}: vocabulary_map has no {IMAGE_NAME_PREFIX}* entries (image token ids)")
     if ids != list(range(ids[0], ids[-1] + 1)):
@@ -94,18 +103,20 @@ def chameleon_config_from_hf(
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if field(hf, flag):
             raise ConversionError(f"{source}: {flag}=true is not supported (Chameleon has none)")
+    try:
+        vocab_size, hidden, heads, kv_heads, layers, inter = (
+            check_int(key, field(hf, key), 1, 2**31 - 1) for key in (
+                "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                "intermediate_size"))
+        check_float("attention_dropout", field(hf, "attention_dropout") or 0.0)
+        for key in ("rms_norm_eps", "dropout", "z_loss_weight"):
+            if hf.get(key) is not None:
+                check_float(key, hf[key])
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from None
     if float(field(hf, "attention_dropout") or 0.0) != 0.0:
         raise ConversionError(f"{source}: attention_dropout={hf['attention_dropout']} is not supported "
                               f"(only residual dropout, Lumina's 'dropout')")
-    try:
-        vocab_size = int(field(hf, "vocab_size"))
-        hidden = int(field(hf, "hidden_size"))
-        heads = int(field(hf, "num_attention_heads"))
-        kv_heads = int(field(hf, "num_key_value_heads"))
-        layers = int(field(hf, "num_hidden_layers"))
-        inter = int(field(hf, "intermediate_size"))
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"{source}: bad size field ({e})") from None
     if hidden % heads:
         raise ConversionError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
     head_dim = hidden // heads
@@ -121,11 +132,11 @@ def chameleon_config_from_hf(
         return ChameleonConfig(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=rope_theta_of(hf, source),
-            rms_norm_eps=float(field(hf, "rms_norm_eps")), q_norm_rows=q_norm_rows, k_norm_rows=k_norm_rows,
+            rms_norm_eps=field(hf, "rms_norm_eps"), q_norm_rows=q_norm_rows, k_norm_rows=k_norm_rows,
             swin_norm=bool(field(hf, "swin_norm")),
-            max_position_embeddings=int(field(hf, "max_position_embeddings")),
-            dropout=float(hf.get("dropout", 0.0) or 0.0), mask_image_logits=mask_image_logits,
-            image_token_start=start, image_token_end=end, z_loss_weight=float(hf.get("z_loss_weight", 0.0) or 0.0),
+            max_position_embeddings=field(hf, "max_position_embeddings"),
+            dropout=hf.get("dropout", 0.0) or 0.0, mask_image_logits=mask_image_logits,
+            image_token_start=start, image_token_end=end, z_loss_weight=hf.get("z_loss_weight", 0.0) or 0.0,
             param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers,
         )
     except ValueError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import struct
@@ -22,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from lumina_jax.convert.errors import ConversionError
+from lumina_jax.validation import parse_json
 
 # safetensors dtype name <-> numpy dtype (bf16 and fp8 via ml_dtypes).
 DTYPES: dict[str, np.dtype] = {
@@ -76,7 +78,13 @@ class TensorInfo:
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, TensorInfo]]:
-    """Parses and validates the header of one safetensors file -> (metadata, {name: TensorInfo})."""
+    """Parses and validates the header of one safetensors file -> (metadata, {name: TensorInfo}).
+
+    Every entry is checked before any tensor byte is read: a known dtype, non-negative integer dimensions,
+    integer offsets with begin <= end, a byte count equal to the dtype size times the element count
+    (computed without overflow), and byte ranges that tile the data section exactly (no overlap, no gap, no
+    byte past the end of the file), as the format's reference implementation requires.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
@@ -92,32 +100,57 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tens
             raise ConversionError(f"{path}: truncated: header needs {8 + n} bytes but the file has {size}")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: malformed safetensors header ({e})") from None
+        header = parse_json(raw, "header")
+    except ValueError as e:
+        raise ConversionError(f"{path}: malformed safetensors {e}") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: malformed safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ConversionError(f"{path}: malformed safetensors header (__metadata__ must map names to strings)")
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
-    data_end = data_start
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            b, e = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: malformed header entry for tensor {name!r}: {entry!r}") from None
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if e - b != expected:
-            raise ConversionError(
-                f"{path}: tensor {name!r} has {e - b} data bytes but dtype {entry['dtype']} shape {list(shape)} "
-                f"needs {expected}")
-        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + b, data_start + e)
-        data_end = max(data_end, data_start + e)
-    if data_end > size:
-        raise ConversionError(f"{path}: truncated: tensor data ends at byte {data_end} but the file has {size}")
+        tensors[name] = _tensor_info(path, name, entry, data_start)
+    end = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != end:
+            what = "overlaps the tensor before it" if info.begin < end else "leaves a gap before it"
+            raise ConversionError(f"{path}: tensor {info.name!r} (bytes {info.begin - data_start}.."
+                                  f"{info.end - data_start} of the data) {what}")
+        end = info.end
+    if end > size:
+        raise ConversionError(f"{path}: truncated: tensor data ends at byte {end} but the file has {size}")
+    if end < size:
+        raise ConversionError(f"{path}: {size - end} bytes after the last tensor's data (not a safetensors file, "
+                              "or a damaged one)")
     return metadata, tensors
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    """One header entry, checked field by field (see `read_header`)."""
+    def bad(why: str) -> ConversionError:
+        return ConversionError(f"{path}: malformed header entry for tensor {name!r}: {why}: {entry!r:.200}")
+
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise bad("expected exactly the fields dtype, shape, data_offsets")
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
+        raise bad(f"unknown dtype (known: {', '.join(DTYPES)})")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    def ints(xs) -> bool:
+        return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
+    if not ints(shape) or any(d < 0 for d in shape):
+        raise bad("shape must be a list of non-negative integers")
+    if not ints(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        raise bad("data_offsets must be two integers 0 <= begin <= end")
+    dtype = DTYPES[entry["dtype"]]
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    b, e = offsets
+    if e - b != expected:
+        raise ConversionError(
+            f"{path}: tensor {name!r} has {e - b} data bytes but dtype {entry['dtype']} shape {list(shape)} "
+            f"needs {expected}")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + b, data_start + e)
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
@@ -141,9 +174,14 @@ class ModelFiles:
         index = self.directory / INDEX_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConversionError(f"{index}: malformed index ({e!r})") from None
+                weight_map = parse_json(index.read_bytes(), str(index))["weight_map"]
+            except ValueError as e:
+                raise ConversionError(str(e)) from None
+            except (KeyError, TypeError):
+                raise ConversionError(f"{index}: malformed index (no 'weight_map' object)") from None
+            plain = lambda f: isinstance(f, str) and f not in ("", ".", "..") and f == Path(f).name  # noqa: E731
+            if not isinstance(weight_map, dict) or not all(map(plain, weight_map.values())):
+                raise ConversionError(f"{index}: weight_map must map tensor names to file names in {self.directory}")
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.directory / f).is_file()]
             if missing:

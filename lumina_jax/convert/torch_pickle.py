@@ -17,9 +17,11 @@ import _compat_pickle
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import zipfile
+import zlib
 from typing import Any
 
 import ml_dtypes
@@ -27,6 +29,7 @@ import numpy as np
 
 from lumina_jax.convert.errors import ConversionError
 
+MAX_PICKLE_BYTES = 256 * 2**20  # data.pkl holds only metadata (names, shapes); tensor bytes live beside it
 # storage class name (as pickled: `torch.FloatStorage`) -> numpy dtype
 STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -77,18 +80,26 @@ class StorageRef:
 
     def array(self) -> np.ndarray:
         if self._data is None:
-            raw = self.archive.read(f"data/{self.key}")
-            if len(raw) < self.numel * self.dtype.itemsize:
+            nbytes = self.numel * self.dtype.itemsize
+            raw = self.archive.read(f"data/{self.key}", limit=nbytes)
+            if len(raw) < nbytes:
                 raise ConversionError(f"{self.archive.path}: storage data/{self.key} is truncated "
                                       f"({len(raw)} bytes for {self.numel} x {self.dtype})")
             data = np.frombuffer(raw, dtype=self.dtype.newbyteorder(self.archive.byteorder), count=self.numel)
+            if self.dtype == np.bool_ and np.any(np.frombuffer(raw, np.uint8, count=self.numel) > 1):
+                raise ConversionError(f"{self.archive.path}: storage data/{self.key} holds bool values other "
+                                      "than 0 and 1")
             self._data = data.astype(self.dtype, copy=False)
         return self._data
 
 
 @dataclasses.dataclass
 class LazyTensor:
-    """A tensor of a checkpoint file: shape and dtype are known; `.numpy()` reads the data."""
+    """A tensor of a checkpoint file: shape and dtype are known; `.numpy()` reads the data.
+
+    `check` proves, from the metadata alone, that every element the (offset, shape, stride) view addresses
+    lies inside the storage, before anything is read; only then is the strided view taken.
+    """
 
     storage: StorageRef
     offset: int
@@ -102,17 +113,38 @@ class LazyTensor:
     def __repr__(self) -> str:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype}, storage={self.storage.key!r})"
 
-    def numpy(self) -> np.ndarray:
+    def check(self, name: str) -> None:
+        """Raises one ConversionError naming `name` unless the view fits its storage (Python ints: no overflow)."""
+        where = f"{self.storage.archive.path}: tensor {name}"
+        if len(self.shape) != len(self.stride):
+            raise ConversionError(f"{where}: shape {list(self.shape)} and stride {list(self.stride)} differ in length")
+        if self.offset < 0 or any(d < 0 for d in self.shape) or any(st < 0 for st in self.stride):
+            raise ConversionError(f"{where}: negative offset, size or stride (offset {self.offset}, shape "
+                                  f"{list(self.shape)}, stride {list(self.stride)})")
+        numel = math.prod(self.shape)
+        if numel == 0:
+            return
+        last = self.offset + sum((d - 1) * st for d, st in zip(self.shape, self.stride))
+        if last >= self.storage.numel:
+            raise ConversionError(f"{where}: shape {list(self.shape)}, stride {list(self.stride)} and offset "
+                                  f"{self.offset} reach element {last} of storage data/{self.storage.key}, which "
+                                  f"has {self.storage.numel}")
+        if numel > self.storage.numel:  # only overlapping (zero-stride) views can be larger than their storage
+            raise ConversionError(f"{where}: {numel} elements view a storage of {self.storage.numel} "
+                                  "(an expanded view; save the tensor with .contiguous())")
+
+    def numpy(self, name: str | None = None) -> np.ndarray:
+        self.check(name or f"on storage data/{self.storage.key}")
         base = self.storage.array()
         if not self.shape:
             return base[self.offset].copy()
-        need = self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride)) + 1
-        if min(self.shape) > 0 and need > base.size:
-            raise ConversionError(f"{self.storage.archive.path}: tensor of shape {self.shape} overruns "
-                                  f"storage data/{self.storage.key} ({base.size} elements)")
-        item = base.itemsize
+        if base.size != self.storage.numel:
+            raise ConversionError(f"{self.storage.archive.path}: storage data/{self.storage.key} changed size")
+        if 0 in self.shape:
+            return np.empty(self.shape, self.dtype)
+        item = base.itemsize  # the view was proven to stay inside `base` by `check`
         view = np.lib.stride_tricks.as_strided(base[self.offset:], shape=self.shape,
-                                               strides=tuple(s * item for s in self.stride), writeable=False)
+                                               strides=tuple(st * item for st in self.stride), writeable=False)
         return np.ascontiguousarray(view)
 
 
@@ -126,26 +158,37 @@ class _Archive:
         names = set(zf.namelist())
         self.byteorder = "<"
         if self.prefix + "byteorder" in names:
-            order = zf.read(self.prefix + "byteorder").decode().strip()
+            order = self.read("byteorder", limit=16).decode("ascii", "replace").strip()
             if order not in ("little", "big"):
                 raise ConversionError(f"{path}: unknown byteorder '{order}'")
             self.byteorder = "<" if order == "little" else ">"
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """Up to `limit` bytes of an entry (all of it when None); damage is one ConversionError line."""
         try:
-            return self.zf.read(self.prefix + name)
+            with self.zf.open(self.prefix + name) as f:
+                return f.read(-1 if limit is None else limit)
         except KeyError:
             raise ConversionError(f"{self.path}: archive entry '{self.prefix + name}' is missing") from None
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, ValueError) as e:
+            raise ConversionError(f"{self.path}: damaged archive entry '{self.prefix + name}' ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
 # the inert stand-ins that allowed globals resolve to
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
     if not isinstance(storage, StorageRef):
         raise pickle.UnpicklingError("tensor rebuild got something other than a storage")
-    return LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    if not (_is_int(storage_offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and all(map(_is_int, size)) and all(map(_is_int, stride))):
+        raise pickle.UnpicklingError("tensor rebuild with an offset, size or stride that is not integers")
+    return LazyTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
@@ -167,7 +210,15 @@ def _codecs_encode(text, encoding="latin1"):
 
 
 def _size(dims=()):
-    return tuple(int(d) for d in dims)
+    if not isinstance(dims, (tuple, list)) or not all(map(_is_int, dims)):
+        raise pickle.UnpicklingError("torch.Size of something other than integers")
+    return tuple(dims)
+
+
+def _bytearray(data=b""):
+    if not isinstance(data, (bytes, bytearray, str)):  # bytearray(n) would allocate n bytes
+        raise pickle.UnpicklingError("bytearray is only allowed from bytes")
+    return bytearray(data, "latin1") if isinstance(data, str) else bytearray(data)
 
 
 def _device(*args):
@@ -179,7 +230,7 @@ ALLOWED_GLOBALS: dict[str, Any] = {
     "collections.Counter": collections.Counter,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
-    "builtins.bytearray": bytearray,
+    "builtins.bytearray": _bytearray,
     "builtins.complex": complex,
     "_codecs.encode": _codecs_encode,
     "torch.Size": _size,
@@ -220,9 +271,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
             raise ConversionError(f"{self._archive.path}: refusing to load: unexpected persistent id {pid!r:.80}")
         _, stype, key, _location, numel = pid
-        key = str(key)
+        if not isinstance(key, str) or not key or not _is_int(numel) or numel < 0:
+            raise ConversionError(f"{self._archive.path}: refusing to load: malformed storage reference {pid!r:.80}")
         if key not in self._storages:
-            self._storages[key] = StorageRef(self._archive, key, stype.dtype, int(numel))
+            self._storages[key] = StorageRef(self._archive, key, stype.dtype, numel)
+        elif (self._storages[key].dtype, self._storages[key].numel) != (stype.dtype, numel):
+            raise ConversionError(f"{self._archive.path}: storage data/{key} is declared twice with different "
+                                  "dtypes or sizes")
         return self._storages[key]
 
 
@@ -237,15 +292,21 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     if not zipfile.is_zipfile(path):
         raise ConversionError(f"{path}: not a zip-format torch checkpoint (legacy torch<1.6 format?); "
                               "retry with --torch-load to read it with torch.load(weights_only=True)")
-    zf = zipfile.ZipFile(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ConversionError(f"{path}: damaged zip archive ({e})") from None
     archive = _Archive(path, zf)
-    data = archive.read("data.pkl")
+    data = archive.read("data.pkl", limit=MAX_PICKLE_BYTES + 1)
+    if len(data) > MAX_PICKLE_BYTES:
+        raise ConversionError(f"{path}: data.pkl is larger than {MAX_PICKLE_BYTES} bytes (not a checkpoint of tensors)")
     try:
         return RestrictedUnpickler(io.BytesIO(data), archive).load()
     except ConversionError:
         raise
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
-        raise ConversionError(f"{path}: cannot read data.pkl: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - only inert stand-ins run: any failure is the file's
+        raise ConversionError(f"{path}: cannot read data.pkl: {type(e).__name__}: {' '.join(str(e).split())[:200]}") \
+            from None
 
 
 def load_with_torch(path: str | os.PathLike) -> Any:
@@ -276,9 +337,9 @@ def load_with_torch(path: str | os.PathLike) -> Any:
     return to_numpy(obj)
 
 
-def as_numpy(x: Any) -> np.ndarray:
-    """A `LazyTensor` or array as a numpy array."""
-    return x.numpy() if isinstance(x, LazyTensor) else np.asarray(x)
+def as_numpy(x: Any, name: str | None = None) -> np.ndarray:
+    """A `LazyTensor` (checked against its storage; errors name `name`) or array as a numpy array."""
+    return x.numpy(name) if isinstance(x, LazyTensor) else np.asarray(x)
 
 
 def is_tensor(x: Any) -> bool:

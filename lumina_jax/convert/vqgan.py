@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from lumina_jax import param_checkpoint
 from lumina_jax.convert import torch_pickle
-from lumina_jax.convert.errors import ConversionError
+from lumina_jax.convert.errors import ConversionError, checkpoint_errors_as_conversion_errors
 from lumina_jax.image_tokenizer import CONFIG_FILE
 from lumina_jax.models.vqgan import VQGANConfig, abstract_params
 
@@ -88,7 +89,7 @@ def params_from_state_dict(state_dict: dict[str, Any], config: VQGANConfig, sour
         raise ConversionError(f"{source} does not match the VQGAN config: {'; '.join(problems)}")
     params: dict = {}
     for key, (path, _) in tqdm(sorted(table.items()), desc="vqgan tensors", disable=not progress, unit="tensor"):
-        x = torch_pickle.as_numpy(state_dict[key])
+        x = torch_pickle.as_numpy(state_dict[key], key)
         if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
             raise ConversionError(f"{source}: {key} has non-float dtype {x.dtype}")
         node = params
@@ -122,14 +123,20 @@ def read_state_dict(path: str, key: str = "state_dict", use_torch: bool = False)
         sd = obj  # a bare state_dict
     else:
         raise ConversionError(f"{path}: no '{key}' entry (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
-    if not isinstance(sd, dict) or not all(torch_pickle.is_tensor(v) for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch_pickle.is_tensor(v) for k, v in sd.items()):
         raise ConversionError(f"{path}: '{key}' is not a mapping of names to tensors")
+    for k, v in sd.items():  # every view checked against its storage before any shape is trusted
+        if isinstance(v, torch_pickle.LazyTensor):
+            v.check(k)
     return dict(sd)
 
 
 def convert(ckpt_path: str, yaml_path: str, out_dir: str, overwrite: bool = False, use_torch: bool = False,
             state_dict_key: str = "state_dict", progress: bool = True) -> VQGANConfig:
     """vqgan.ckpt + vqgan.yaml -> `out_dir` (`params/` + `vqgan_config.json`); returns the config written."""
+    inputs = [ckpt_path, yaml_path]
+    with checkpoint_errors_as_conversion_errors():
+        param_checkpoint.check_output_dir(out_dir, overwrite, inputs)
     if not os.path.isfile(yaml_path):
         raise ConversionError(f"{yaml_path}: no such file")
     try:
@@ -144,7 +151,7 @@ def convert(ckpt_path: str, yaml_path: str, out_dir: str, overwrite: bool = Fals
         config = config.replace(attn_resolutions=attn)
     params, dropped = params_from_state_dict(sd, config, source=f"{ckpt_path}: {state_dict_key}", progress=progress)
     try:
-        with param_checkpoint.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        with param_checkpoint.atomic_directory(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
             param_checkpoint.save_params(tmp, params)
             param_checkpoint.write_json(tmp, CONFIG_FILE, config.to_dict())
             param_checkpoint.write_json(tmp, "conversion.json", {
@@ -155,6 +162,24 @@ def convert(ckpt_path: str, yaml_path: str, out_dir: str, overwrite: bool = Fals
     return config
 
 
+EXPORT_MARK = "lumina_jax"  # top-level entry of an exported .ckpt, next to state_dict: what --overwrite looks for
+YAML_MARK = "# written by lumina-jax vqgan-export\n"  # first line of an exported vqgan.yaml
+
+
+def _exported_ckpt(path: Path) -> bool:
+    """Whether `path` is a checkpoint that vqgan-export wrote (read with the restricted reader, no code runs)."""
+    try:
+        obj = torch_pickle.load_checkpoint(path)
+    except ConversionError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get(EXPORT_MARK), dict)
+
+
+def _exported_yaml(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(YAML_MARK)) == YAML_MARK.encode()
+
+
 def export(checkpoint_dir: str, out_path: str, yaml_out: str | None = None, overwrite: bool = False) -> None:
     """Orbax VQGAN checkpoint -> Lightning-style `{"state_dict": ...}` file (torch.save; needs torch)."""
     try:
@@ -162,21 +187,26 @@ def export(checkpoint_dir: str, out_path: str, yaml_out: str | None = None, over
     except ImportError:
         raise ConversionError("vqgan-export needs PyTorch to write the file (pip install 'lumina-jax[torch]')") from None
 
-    for p in [out_path] + ([yaml_out] if yaml_out else []):
-        if os.path.exists(p) and not overwrite:
-            raise ConversionError(f"{p}: already exists (pass --overwrite)")
     try:
-        config = VQGANConfig.from_dict(param_checkpoint.read_json(checkpoint_dir, CONFIG_FILE))
-        params = param_checkpoint.restore_params(checkpoint_dir, param_checkpoint.abstract_like(abstract_params(config)))
-    except param_checkpoint.CheckpointError as e:
+        if yaml_out and os.path.abspath(yaml_out) == os.path.abspath(out_path):
+            raise param_checkpoint.CheckpointError(f"--yaml-out {yaml_out} is the same path as --out")
+        param_checkpoint.check_output_file(out_path, overwrite, [checkpoint_dir], _exported_ckpt)
+        if yaml_out:
+            param_checkpoint.check_output_file(yaml_out, overwrite, [checkpoint_dir], _exported_yaml)
+        config = VQGANConfig.from_dict(param_checkpoint.read_json(checkpoint_dir, CONFIG_FILE),
+                                       source=os.path.join(checkpoint_dir, CONFIG_FILE))
+        params = param_checkpoint.restore_params(checkpoint_dir,
+                                                 param_checkpoint.abstract_like(abstract_params(config)))
+        sd = {k: torch.from_numpy(v) for k, v in state_dict_from_params(params, config).items()}
+        with param_checkpoint.atomic_file(out_path, overwrite, [checkpoint_dir], _exported_ckpt) as tmp:
+            torch.save({"state_dict": sd, EXPORT_MARK: {"written_by": "lumina-jax vqgan-export", "format": 1}}, tmp)
+        if yaml_out:
+            with param_checkpoint.atomic_file(yaml_out, overwrite, [checkpoint_dir], _exported_yaml) as tmp:
+                with open(tmp, "w") as f:
+                    f.write(YAML_MARK)
+                    yaml.safe_dump(config.to_yaml_dict(), f, sort_keys=False)
+    except (param_checkpoint.CheckpointError, ValueError) as e:
         raise ConversionError(str(e)) from None
-    sd = {k: torch.from_numpy(v) for k, v in state_dict_from_params(params, config).items()}
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    torch.save({"state_dict": sd}, tmp)
-    os.replace(tmp, out_path)
-    if yaml_out:
-        with open(yaml_out, "w") as f:
-            yaml.safe_dump(config.to_yaml_dict(), f, sort_keys=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -184,7 +214,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--ckpt", required=True, help="Meta's vqgan.ckpt (PyTorch Lightning file, weights under state_dict)")
         parser.add_argument("--config", required=True, help="the matching vqgan.yaml (model.params with ddconfig)")
         parser.add_argument("--out", required=True, help="output checkpoint directory (params/ + vqgan_config.json)")
-        parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        parser.add_argument("--overwrite", action="store_true",
+                            help=f"replace --out if it exists and was written by lumina-jax (holds "
+                                 f"{param_checkpoint.OUTPUT_MARKER}); never a path that is, holds or lies inside "
+                                 "an input")
         parser.add_argument("--state-dict-key", default="state_dict",
                             help="entry of the checkpoint holding the weights (a bare state_dict is also accepted)")
         parser.add_argument("--torch-load", action="store_true",
@@ -194,7 +227,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--checkpoint", required=True, help="VQGAN checkpoint directory written by the vqgan command")
         parser.add_argument("--out", required=True, help="output file, e.g. vqgan.ckpt ({'state_dict': ...}, torch.save)")
         parser.add_argument("--yaml-out", default=None, help="also write a taming vqgan.yaml here")
-        parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace output files that an earlier vqgan-export wrote (never other files)")
 
 
 def run(args: argparse.Namespace) -> int:

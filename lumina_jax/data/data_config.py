@@ -16,6 +16,8 @@ import os
 
 import yaml
 
+from lumina_jax.validation import check_float
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSource:
@@ -32,13 +34,27 @@ class DataMix:
     """
 
     sources: tuple[DataSource, ...]  # the META entries, in file order
+    origin: str = "data config"  # where it was read from (the YAML path), for messages
 
     @classmethod
     def from_yaml(cls, path: str) -> "DataMix":
+        """Parses the YAML file `path`; any mistake is one ValueError (FileNotFoundError) line naming it."""
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: is a directory, not a data config YAML file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: data config file does not exist")
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ValueError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
         return cls.from_dict(doc, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
     @classmethod
@@ -55,12 +71,16 @@ class DataMix:
             unknown = sorted(set(e) - {"path", "ratio", "type"})
             if unknown:
                 raise ValueError(f"{source}: META[{i}] has unknown keys {unknown}")
+            if not isinstance(e["path"], str) or not e["path"].strip():
+                raise ValueError(f"{source}: META[{i}].path must be a directory name, got {e['path']!r}")
             ratio = e.get("ratio", 1.0)
-            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
-                raise ValueError(f"{source}: META[{i}].ratio must be a positive number, got {ratio!r}")
-            path = os.path.join(base_dir, os.path.expanduser(str(e["path"])))
-            out.append(DataSource(path=os.path.normpath(path), ratio=float(ratio), type=str(e.get("type", "default"))))
-        return cls(tuple(out))
+            try:
+                ratio = check_float(f"META[{i}].ratio", ratio, 0.0, lo_open=True)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
+            path = os.path.join(base_dir, os.path.expanduser(e["path"]))
+            out.append(DataSource(path=os.path.normpath(path), ratio=ratio, type=str(e.get("type", "default"))))
+        return cls(tuple(out), origin=source)
 
 
 def load_data_config(config) -> DataMix:

@@ -10,8 +10,10 @@ same segment; 0 where unsupervised), `weights` float32 (1 where supervised), `se
 padding, 1.. = examples of the row), `positions` int32 (restart at 0 per segment).
 
 Each item of L tokens becomes L-1 (input, next-label) pairs before packing, exactly the reference's
-`logits[:, :-1]` vs `labels[:, 1:]`, so no position is spent on a token that predicts nothing. Items with
-more than seq_len + 1 tokens raise an error naming the item (the reference truncates silently).
+`logits[:, :-1]` vs `labels[:, 1:]`, so no position is spent on a token that predicts nothing. Every source is
+checked when the dataset is built, from its record index: a directory that is not a finished pre-tokenized
+dataset, an item with more than seq_len + 1 tokens (the reference truncates silently) or fewer than 2, or a
+ratio that draws no item at all is an error naming the data config entry and the item.
 
 Order: epoch e uses `np.random.default_rng([seed, e])` to draw each source's subset (ratio) and shuffle the
 union; host `shard_index` takes every `shard_count`-th item of that order (all hosts get equally many) and
@@ -31,17 +33,24 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 
 import grain
 import grain.experimental as grain_exp
 import numpy as np
 
-from lumina_jax.data.data_config import DataMix, load_data_config
+from lumina_jax.data.data_config import DataMix, DataSource, load_data_config
+from lumina_jax.data.pretokenize import REPORT, WORK
 from lumina_jax.data.records import PretokenizedDataset
 
 IGNORE = -100
 DEFAULT_EPOCHS = 1_000_000  # "forever"; the iterator never ends in practice
+
+
+def items_per_epoch(n: int, ratio: float) -> int:
+    """Items a source of `n` items contributes to each epoch: the whole set floor(ratio) times, plus a subset."""
+    return math.floor(ratio) * n + int(n * (ratio - math.floor(ratio)))
 
 
 class EpochSchedule:
@@ -56,11 +65,12 @@ class EpochSchedule:
         self.sources, self.ratios, self.seed = sources, ratios, seed
         self.shard_index, self.shard_count, self.group = shard_index, shard_count, group
         self.bucket_window = bucket_window
-        counts = [math.floor(r) * len(s) + int(len(s) * (r - math.floor(r))) for s, r in zip(sources, ratios)]
+        counts = [items_per_epoch(len(s), r) for s, r in zip(sources, ratios)]
         total = sum(counts)
         self.per_epoch = (total // (shard_count * group)) * group
         if self.per_epoch == 0:
-            raise ValueError(f"an epoch has {total} items, fewer than shard_count={shard_count} x group={group}")
+            raise ValueError(f"an epoch has {total} items, fewer than shard_count={shard_count} x group={group} "
+                             f"(one {'item' if group == 1 else 'batch'} for each process)")
         self.num_epochs = num_epochs
         self._cache: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -155,6 +165,38 @@ def _pad_batch(examples, seq_len: int, pad_multiple: int) -> dict:
     return out
 
 
+def open_source(source: DataSource, where: str, seq_len: int) -> PretokenizedDataset:
+    """Opens one META entry's dataset, checked whole from its record index; `where` names the entry."""
+    path = source.path
+    if not os.path.isdir(path):
+        raise ValueError(f"{where}: {path} {'is not a directory' if os.path.exists(path) else 'does not exist'}")
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        if os.path.isfile(os.path.join(path, REPORT)):
+            what = f"its pre-tokenization wrote no items (see {REPORT})"
+        elif os.path.isdir(os.path.join(path, WORK)):
+            what = "an unfinished pre-tokenization run (not every shard is done; finish or resume it)"
+        else:
+            what = "not a pre-tokenized dataset"
+        raise ValueError(f"{where}: {path} is {what}: no dataset_info.json")
+    try:
+        src = PretokenizedDataset(path)
+        src.open()  # here, in the calling thread, not first in grain's prefetch threads
+    except Exception as e:  # noqa: BLE001 - tfds and numpy raise many types for a damaged dataset
+        text = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"{where}: {path} is unreadable ({text})") from None
+    if len(src) == 0:
+        raise ValueError(f"{where}: {path} holds no items")
+    for bad, rule in ((src.lengths > seq_len + 1, f"more than seq_len + 1 = {seq_len + 1}"),
+                      (src.lengths < 2, "fewer than 2")):
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{where}: {path}: {int(bad.sum())} item(s) have {rule} tokens, e.g. item id "
+                             f"{int(src.ids[i])} with {int(src.lengths[i])}; raise seq_len or filter the data")
+    if items_per_epoch(len(src), source.ratio) == 0:
+        raise ValueError(f"{where}: ratio {source.ratio} draws no item of its {len(src)} each epoch")
+    return src
+
+
 def make_train_dataset(data_config, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
                        shard_count: int = 1, packing: bool = True, num_epochs: int | None = None,
                        num_packing_bins: int | None = None, pad_multiple: int = 256, bucket_window: int = 256,
@@ -165,12 +207,13 @@ def make_train_dataset(data_config, seq_len: int, batch_size: int, seed: int, sh
         raise ValueError(f"shard_index={shard_index} is not in 0..shard_count-1={shard_count - 1}")
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
-    sources = [PretokenizedDataset(s.path) for s in cfg.sources]
-    for src in sources:  # open here, in the calling thread, not first in grain's prefetch threads
-        src.open()
-    schedule = EpochSchedule(sources, [s.ratio for s in cfg.sources], seed, shard_index, shard_count,
-                             num_epochs or DEFAULT_EPOCHS, group=1 if packing else batch_size,
-                             bucket_window=bucket_window)
+    sources = [open_source(s, f"{cfg.origin}: META[{i}]", seq_len) for i, s in enumerate(cfg.sources)]
+    try:
+        schedule = EpochSchedule(sources, [s.ratio for s in cfg.sources], seed, shard_index, shard_count,
+                                 num_epochs or DEFAULT_EPOCHS, group=1 if packing else batch_size,
+                                 bucket_window=bucket_window)
+    except ValueError as e:
+        raise ValueError(f"{cfg.origin}: {e}") from None
     read = functools.partial(_shifted_example, sources=sources, seq_len=seq_len)
     ds = grain.MapDataset.source(schedule).map(read)
     if not packing:

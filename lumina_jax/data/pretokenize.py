@@ -26,6 +26,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import time
 import numpy as np
 
 from lumina_jax.data import records
+from lumina_jax.validation import SEED_MAX, int_flag, parse_json, target_size_flag
 
 WORK = "_work"
 REPORT = "pretokenize_report.json"
@@ -252,65 +254,229 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lumina_jax.data.pretokenize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="input JSON list of items (the reference's format)")
-    p.add_argument("--out", required=True, help="output dataset directory (created; reused to resume)")
-    p.add_argument("--target-size", type=int, required=True, help="resolution whose crop-size list is used (512, 768, 1024)")
+    p.add_argument("--out", required=True,
+                   help="output dataset directory (created; reused to resume; must not be a file or a non-empty "
+                        "directory this command did not start)")
+    p.add_argument("--target-size", type=target_size_flag, required=True,
+                   help="resolution whose crop-size list is used (512, 768, 1024: a multiple of 32)")
     p.add_argument("--tokenizer", required=True,
                    help="text tokenizer: text_tokenizer.json, a Hugging Face tokenizer directory or a SentencePiece .model")
     p.add_argument("--vqgan", default=None, help="VQGAN checkpoint directory (needed when items have images)")
-    p.add_argument("--shard", type=int, default=0, help="index of this shard, 0..num-shards-1")
-    p.add_argument("--num-shards", type=int, default=1, help="number of shards the items are split into")
-    p.add_argument("--chunk-size", type=int, default=256, help="items per committed chunk (the unit of resumption)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per VQGAN encoder call (same-size images batched)")
-    p.add_argument("--num-workers", type=int, default=4, help="threads that read and crop images")
-    p.add_argument("--max-length", type=int, default=0, help="items with more tokens are reported as bad (0 = no limit)")
+    p.add_argument("--shard", type=int_flag(0), default=0, help="index of this shard, 0..num-shards-1")
+    p.add_argument("--num-shards", type=int_flag(1), default=1, help="number of shards the items are split into")
+    p.add_argument("--chunk-size", type=int_flag(1), default=256,
+                   help="items per committed chunk (the unit of resumption; >= 1)")
+    p.add_argument("--batch-size", type=int_flag(1), default=16,
+                   help="images per VQGAN encoder call (same-size images batched; >= 1)")
+    p.add_argument("--num-workers", type=int_flag(1, 256), default=4, help="threads that read and crop images (1..256)")
+    p.add_argument("--max-length", type=int_flag(0), default=0,
+                   help="items with more tokens are reported as bad (0 = no limit)")
     p.add_argument("--image-root", default=None,
                    help="directory relative image paths start from (default: the input JSON's directory)")
     p.add_argument("--random-crop", action="store_true",
                    help="random crop offsets (seeded per item by --seed and the item index) instead of centred crops")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-crop")
+    p.add_argument("--seed", type=int_flag(0, SEED_MAX), default=0, help=f"seed of --random-crop (0..{SEED_MAX})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def _check_run_config(args) -> None:
-    """A resumed run must use the same arguments as the first one (except --shard / --quiet / --batch-size)."""
-    os.makedirs(os.path.join(args.out, WORK), exist_ok=True)
-    keys = ("input", "target_size", "tokenizer", "num_shards", "chunk_size", "max_length", "image_root",
-            "random_crop", "seed")
-    cfg = {k: (os.path.abspath(v) if k in ("input", "tokenizer") and v else v) for k, v in vars(args).items() if k in keys}
+class PretokenizeError(Exception):
+    """A problem with the arguments or the input files; printed as one line, exit status 1."""
+
+
+# What a resumed run must share with the first one, and how a difference is named. --batch-size,
+# --num-workers, --shard and --quiet do not change the records.
+RESUME_KEYS = {
+    "input_sha256": "--input content", "num_items": "--input item count", "tokenizer_sha256": "--tokenizer content",
+    "vqgan_sha256": "--vqgan weights", "target_size": "--target-size", "num_shards": "--num-shards",
+    "chunk_size": "--chunk-size", "max_length": "--max-length", "image_root": "--image-root",
+    "random_crop": "--random-crop", "seed": "--seed", "format": "run-config format",
+}
+RUN_CONFIG_FORMAT = 2
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_sha256(path: str) -> str:
+    """Content hash of the file `TextTokenizer.load(path)` reads (a directory's tokenizer.json or .model)."""
+    if os.path.isdir(path):
+        json_path = os.path.join(path, "tokenizer.json")
+        path = json_path if os.path.exists(json_path) else os.path.join(path, "tokenizer.model")
+    return file_sha256(path)
+
+
+def image_tokenizer_sha256(tok) -> str:
+    """Content hash of a VQGAN: its config and every parameter's path, dtype, shape and bytes.
+
+    An image tokenizer passed to `main` without `config` and `params` (a stand-in) is known by its class.
+    """
+    import jax
+
+    if not (hasattr(tok, "config") and hasattr(tok, "params")):
+        return hashlib.sha256(f"{type(tok).__module__}.{type(tok).__qualname__}".encode()).hexdigest()
+    h = hashlib.sha256(json.dumps(tok.config.to_dict(), sort_keys=True).encode())
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tok.params)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(kp)} {a.dtype} {a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _read_items(path: str) -> tuple[list, str]:
+    """The input's items and its content hash; one PretokenizeError line for any problem."""
+    if not os.path.isfile(path):
+        raise PretokenizeError(f"--input {path}: {'is a directory' if os.path.isdir(path) else 'no such file'}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        items = parse_json(raw, f"--input {path}")
+    except ValueError as e:
+        raise PretokenizeError(str(e)) from None
+    if not isinstance(items, list):
+        raise PretokenizeError(f"--input {path}: top level must be a list of items, got {type(items).__name__}")
+    return items, hashlib.sha256(raw).hexdigest()
+
+
+def _check_out(out: str) -> None:
+    """OUT must be absent, empty, or a directory this command started (it holds _work/run_config.json)."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise PretokenizeError(f"--out {out}: exists and is not a directory")
+    if (os.path.isdir(out) and set(os.listdir(out)) - {WORK}
+            and not os.path.isfile(os.path.join(out, WORK, "run_config.json"))):
+        raise PretokenizeError(f"--out {out}: a non-empty directory that this command did not start; "
+                               "choose a new or empty directory")
+
+
+def _load_models(args, items: list, image_tokenizer) -> tuple["Pretokenizer", dict]:
+    """The VQGAN and the tokenizer, loaded (and hashed) before anything is written."""
+    if image_tokenizer is None and args.vqgan:
+        from lumina_jax.param_checkpoint import CheckpointError
+        from lumina_jax.image_tokenizer import ImageTokenizer
+
+        try:
+            image_tokenizer = ImageTokenizer.from_checkpoint(args.vqgan)
+        except (CheckpointError, OSError, ValueError) as e:
+            raise PretokenizeError(f"--vqgan {args.vqgan}: {e}") from None
+    if image_tokenizer is None:
+        lo, hi = shard_range(len(items), args.shard, args.num_shards)
+        with_images = next((i for i in range(lo, hi) if isinstance(items[i], dict)
+                            and (items[i].get("image") or items[i].get("<|image|>"))), None)
+        if with_images is not None:
+            raise PretokenizeError(f"--input {args.input}: item {with_images} has images but no --vqgan checkpoint "
+                                   "directory was given")
+    try:
+        pretok = Pretokenizer(args.tokenizer, args.vqgan, args.target_size, args.max_length, args.batch_size,
+                              args.random_crop, args.seed, args.image_root, image_tokenizer, args.num_workers)
+    except (OSError, ValueError) as e:
+        raise PretokenizeError(f"--tokenizer: {e}") from None
+    return pretok, {"tokenizer_sha256": tokenizer_sha256(args.tokenizer),
+                    "vqgan_sha256": None if image_tokenizer is None else image_tokenizer_sha256(image_tokenizer)}
+
+
+def _others_running(out: str) -> bool:
+    """Whether any run holds a shard lock of `out` (tested without waiting)."""
+    work = os.path.join(out, WORK)
+    for name in os.listdir(work):
+        if not (name.startswith("shard") and name.endswith(".lock")):
+            continue
+        with open(os.path.join(work, name), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def _anything_committed(out: str) -> bool:
+    work = os.path.join(out, WORK)
+    return os.path.exists(os.path.join(out, "dataset_info.json")) or any(
+        os.path.exists(os.path.join(work, d, "progress.json")) for d in os.listdir(work))
+
+
+def _short(value) -> str:
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)
+
+
+@contextlib.contextmanager
+def _claim_shard(args, cfg: dict):
+    """Checks the run config, then holds this shard's lock for the whole run.
+
+    A resumed run must match the first one in everything that shapes the records (RESUME_KEYS): the first
+    run records `cfg`; a later run with any difference is refused with one line naming each difference,
+    unless nothing has been committed yet and no run is working (then the earlier, failed start is simply
+    replaced). The shard lock (`_work/shardI-of-N.lock`, taken only once the config matched, so a refused
+    run creates nothing) makes a second run of the same shard refuse instead of interleaving its writes.
+    """
     path = os.path.join(args.out, WORK, "run_config.json")
+    lock_path = _shard_dir(args.out, args.shard, args.num_shards) + ".lock"
     with _file_lock(os.path.join(args.out, WORK, "config.lock")):
         if os.path.exists(path):
-            old = records.read_json(path)
-            diff = sorted(k for k in keys if old.get(k) != cfg.get(k))
+            try:
+                old = records.read_json(path)
+            except (OSError, ValueError) as e:
+                raise PretokenizeError(f"{path}: unreadable ({e}); start a new --out") from None
+            diff = [k for k in RESUME_KEYS if old.get(k) != cfg.get(k)]
+            if diff and (_anything_committed(args.out) or _others_running(args.out)):
+                raise PretokenizeError(
+                    f"--out {args.out} was started with different inputs or settings: "
+                    + "; ".join(f"{RESUME_KEYS[k]} ({_short(old.get(k))} then, {_short(cfg.get(k))} now)" for k in diff)
+                    + ". Resume with the original ones, or choose a new --out")
             if diff:
-                raise SystemExit(f"{args.out}: was started with different arguments {diff}: "
-                                 + ", ".join(f"{k}={old.get(k)!r} now {cfg.get(k)!r}" for k in diff))
+                records.write_json_atomic(path, cfg)
         else:
             records.write_json_atomic(path, cfg)
+        lock = open(lock_path, "a+")  # taken under the config lock: no config change can slip in between
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise PretokenizeError(f"--out {args.out}: shard {args.shard}/{args.num_shards} is being written by "
+                                   f"another run (it holds {lock_path}); wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock.close()  # releases the shard lock
 
 
 def main(argv=None, image_tokenizer=None) -> int:
-    args = build_parser().parse_args(argv)
-    if not 0 <= args.shard < args.num_shards:
-        raise SystemExit(f"--shard {args.shard} is not in 0..{args.num_shards - 1}")
-    if not os.path.isfile(args.input):
-        raise SystemExit(f"{args.input}: input JSON does not exist")
-    with open(args.input, encoding="utf-8") as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{args.input}: not valid JSON ({e})") from None
-    if not isinstance(items, list):
-        raise SystemExit(f"{args.input}: top level must be a list of items")
-    if args.image_root is None:
-        args.image_root = os.path.dirname(os.path.abspath(args.input))
-    _check_run_config(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.shard >= args.num_shards:
+        parser.error(f"--shard {args.shard} is not in 0..{args.num_shards - 1}")
+    try:
+        return _main(args, image_tokenizer)
+    except PretokenizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(args, image_tokenizer) -> int:
     t0 = time.time()
-    pretok = Pretokenizer(args.tokenizer, args.vqgan, args.target_size, args.max_length, args.batch_size,
-                          args.random_crop, args.seed, args.image_root, image_tokenizer, args.num_workers)
-    run_shard(args, items, pretok)
-    report = finalize(args.out, args.num_shards, len(items))
+    items, input_sha256 = _read_items(args.input)
+    args.image_root = os.path.abspath(args.image_root or os.path.dirname(os.path.abspath(args.input)))
+    if not os.path.isdir(args.image_root):
+        raise PretokenizeError(f"--image-root {args.image_root}: not a directory")
+    _check_out(args.out)
+    pretok, hashes = _load_models(args, items, image_tokenizer)
+    cfg = {"format": RUN_CONFIG_FORMAT, "input_sha256": input_sha256, "num_items": len(items), **hashes,
+           **{k: getattr(args, k) for k in ("target_size", "num_shards", "chunk_size", "max_length", "image_root",
+                                             "random_crop", "seed")},
+           "input": os.path.abspath(args.input), "tokenizer": os.path.abspath(args.tokenizer),
+           "vqgan": args.vqgan and os.path.abspath(args.vqgan)}  # the paths are for reading, not compared
+    try:
+        os.makedirs(os.path.join(args.out, WORK), exist_ok=True)
+    except OSError as e:
+        raise PretokenizeError(f"--out {args.out}: cannot create it ({e.strerror})") from None
+    with _claim_shard(args, cfg):
+        run_shard(args, items, pretok)
+        report = finalize(args.out, args.num_shards, len(items))
     if report is None:
         sdir = _shard_dir(args.out, args.shard, args.num_shards)
         metas = [records.read_json(os.path.join(sdir, f"chunk{c:05d}.json"))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lumina_jax.inference import DEMO_CFG_MIN_P
+from lumina_jax.validation import SEED_MAX, float_flag, int_flag
 
 PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
 
@@ -100,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="assembled model directory (default: the shipped demo weights, lumina_jax/demo_weights)")
     p.add_argument("--guidance", default="1,3", help="comma-separated guidance (cfg) scales to evaluate")
-    p.add_argument("--per-split", type=int, default=PER_SPLIT,
+    p.add_argument("--per-split", type=int_flag(1), default=PER_SPLIT,
                    help="prompts of seen and of held-out colour-shape combinations (each; one image is "
                         "100/N points of a split's accuracy)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt i: seed + i)")
-    p.add_argument("--spec-seed", type=int, default=1234, help="seed that picks the evaluation prompts")
-    p.add_argument("--image-top-k", type=int, default=16, help="top-k over image codes")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--cfg-min-p", type=float, default=DEMO_CFG_MIN_P,
+    p.add_argument("--seed", type=int_flag(0, SEED_MAX), default=0, help="sampling seed of the first prompt (prompt i: seed + i)")
+    p.add_argument("--spec-seed", type=int_flag(0, SEED_MAX), default=1234, help="seed that picks the evaluation prompts")
+    p.add_argument("--image-top-k", type=int_flag(0), default=16, help="top-k over image codes")
+    p.add_argument("--temperature", type=float_flag(0.0), default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--cfg-min-p", type=float_flag(0.0, 1.0, hi_open=True), default=DEMO_CFG_MIN_P,
                    help="with guidance, sample only codes whose conditional probability is at least this share "
                         "of the top code's (0 = guidance as the reference)")
     p.add_argument("--out", default=None, help="also save every generated image under OUT/guidance<g>/")
@@ -123,10 +124,6 @@ def main(argv=None) -> int:
 
     try:
         scales = parse_scales(args.guidance)
-        if args.per_split < 1:
-            raise ValueError(f"--per-split {args.per_split}: must be >= 1")
-        if not 0.0 <= args.cfg_min_p < 1.0:
-            raise ValueError(f"--cfg-min-p {args.cfg_min_p}: must be in [0, 1)")
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
     except (ValueError, InferenceError) as e:
         print(f"lumina_jax.demo.evaluate: {e}", file=sys.stderr)

@@ -240,7 +240,8 @@ def run_recipe(out: Path, seed: int = 0, preset: str = "full", vqgan: str | None
 
     def tokenizer():
         n_embed = json.loads((out / "vqgan" / "vqgan_config.json").read_text())["n_embed"]
-        (out / "tokenizer").mkdir(exist_ok=True)
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)  # a rerun of this stage: tokenizer_train never replaces
+        (out / "tokenizer").mkdir()
         _run([python, "-m", "lumina_jax.tokenizer_train", "--input", str(sets[64] / "corpus.txt"),
               str(sets[128] / "corpus.txt"), "--out-prefix", str(out / "tokenizer" / "tok"),
               "--text-vocab-size", str(p.text_vocab_size), "--num-image-codes", str(n_embed),

@@ -30,6 +30,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lumina_jax.validation import SEED_MAX, float_flag, int_flag, target_size_flag
+
 # Palette: far apart in RGB (smallest pairwise distance about 150), so nearest-colour analysis is robust.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -290,17 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lumina_jax.demo.shapes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--target-size", type=int, default=d.target_size,
+    p.add_argument("--target-size", type=target_size_flag, default=d.target_size,
                    help="UniRep target size in pixels; images take the sizes of its crop list (64 -> 7 sizes, 128 -> 13)")
-    p.add_argument("--num-items", type=int, default=d.num_items, help="number of images / items")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed; item i depends only on (seed, i)")
-    p.add_argument("--image-only-fraction", type=float, default=d.image_only_fraction,
+    p.add_argument("--num-items", type=int_flag(1), default=d.num_items, help="number of images / items")
+    p.add_argument("--seed", type=int_flag(0, SEED_MAX), default=d.seed, help="seed; item i depends only on (seed, i)")
+    p.add_argument("--image-only-fraction", type=float_flag(0.0, 1.0, hi_open=True), default=d.image_only_fraction,
                    help="share of items with an empty human turn (image-only, for the unconditional branch)")
-    p.add_argument("--min-extent", type=float, default=d.min_extent, help="smallest shape side / min(W, H)")
-    p.add_argument("--max-extent", type=float, default=d.max_extent, help="largest shape side / min(W, H)")
-    p.add_argument("--position-jitter", type=float, default=d.position_jitter,
+    p.add_argument("--min-extent", type=float_flag(0.0, 0.9, lo_open=True), default=d.min_extent, help="smallest shape side / min(W, H)")
+    p.add_argument("--max-extent", type=float_flag(0.0, 0.9, lo_open=True), default=d.max_extent, help="largest shape side / min(W, H)")
+    p.add_argument("--position-jitter", type=float_flag(0.0, 1.0), default=d.position_jitter,
                    help="shape offset from the centre as a fraction of the free room (0 = always centred)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory written by lumina-jax (never another directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

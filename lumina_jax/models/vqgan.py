@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from lumina_jax.validation import check_float, check_int
+
 NORM_GROUPS = 32  # GroupNorm groups of every taming Normalize() (the default of VQGANConfig.norm_groups)
 NORM_EPS = 1e-6  # GroupNorm epsilon of every taming Normalize()
 
@@ -56,8 +58,19 @@ class VQGANConfig:
     norm_groups: int = NORM_GROUPS
 
     def __post_init__(self):
-        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        # Types and sanity limits first (far beyond any published VQGAN), so a bad yaml value is named, not
+        # met later as a shape error or an endless model build.
+        for name in ("embed_dim", "n_embed", "z_channels", "resolution", "ch", "norm_groups"):
+            check_int(f"VQGANConfig.{name}", getattr(self, name), 1, 2**24)
+        for name in ("in_channels", "out_ch", "num_res_blocks"):
+            check_int(f"VQGANConfig.{name}", getattr(self, name), 1, 64)
+        for name, hi in (("ch_mult", 64), ("attn_resolutions", 2**24)):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) > 16:
+                raise ValueError(f"VQGANConfig.{name} must be a list of at most 16 integers, got {value!r}")
+            object.__setattr__(self, name, tuple(check_int(f"VQGANConfig.{name}[{i}]", v, 1, hi)
+                                                 for i, v in enumerate(value)))
+        check_float("VQGANConfig.dropout", self.dropout, 0.0, 1.0, hi_open=True)
         if self.double_z:
             raise ValueError("VQGANConfig: double_z=true is not supported (a VQModel's quant_conv takes z_channels inputs)")
         if self.norm_groups < 1:
@@ -108,13 +121,21 @@ class VQGANConfig:
                 raise ValueError(f"{source}: missing field '{required}'")
         if kwargs.get("attn_resolutions") is None:
             kwargs.pop("attn_resolutions", None)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_yaml(cls, path: str) -> "VQGANConfig":
         """Reads a taming/Chameleon `vqgan.yaml` (`model.params` with `embed_dim`, `n_embed`, `ddconfig`)."""
-        with open(path) as f:
-            doc = yaml.safe_load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = yaml.safe_load(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: malformed YAML ({' '.join(str(e).split())})") from None
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: not a YAML mapping")
         params = doc.get("model", {}).get("params") if isinstance(doc.get("model"), dict) else None

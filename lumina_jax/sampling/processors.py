@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lumina_jax.validation import check_float, check_int
+
 TEXT, SIZE_H, SIZE_W, BODY = 0, 1, 2, 3
 NEG_INF = -jnp.inf
 
@@ -99,6 +101,10 @@ class SamplingSettings:
     mask_image_ids_in_text: bool = True  # forbid image ids and <eoss> outside images (reference: allowed)
 
     def __post_init__(self):
+        for name in ("cfg_scale", "cfg_min_p", "temperature", "top_p"):  # NaN passes every comparison below
+            check_float(name, getattr(self, name))
+        for name in ("image_top_k", "text_top_k", "max_new_tokens"):
+            check_int(name, getattr(self, name))
         if self.image_top_k < 0 or self.text_top_k < 0:
             raise ValueError(f"top-k must be >= 0, got image_top_k={self.image_top_k} text_top_k={self.text_top_k}")
         if self.temperature < 0:

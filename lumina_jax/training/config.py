@@ -14,6 +14,13 @@ import typing
 from typing import Any
 
 from lumina_jax.config import ChameleonConfig
+from lumina_jax.sharding import RULE_SETS
+from lumina_jax.validation import SEED_MAX, check_float, check_int
+
+
+class OverrideError(ValueError):
+    """A `key=value` override that is not well formed: no '=', an unknown key, or text its field cannot hold
+    (a usage error of the command line, as opposed to a value out of range)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +74,8 @@ class CheckpointConfig:
     init_from: str = ""  # converted decoder checkpoint dir (params/ + config.json) to start from ("" = random init)
     zero_image_lm_head: bool = False  # reference starting point: zero lm_head columns of the image tokens at init
     resume: bool = True  # continue from the newest checkpoint in train.output_dir when there is one
+    resume_from_previous_on_error: bool = False  # newest checkpoint unreadable: resume from the newest readable
+    # earlier one (the unreadable ones are moved to <output_dir>/unreadable_checkpoints/); False: refuse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,20 +110,52 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+# Allowed range of each numeric field, by dotted key (check_int / check_float keyword arguments); a field not
+# listed takes any finite value of its type. The model's fields are checked by ChameleonConfig itself.
+INT_RANGES: dict[str, dict] = {
+    "total_steps": dict(lo=1), "seed": dict(lo=0, hi=SEED_MAX), "loss.chunk_size": dict(lo=1),
+    "data.seq_len": dict(lo=1), "data.global_batch_size": dict(lo=1), "data.seed": dict(lo=0, hi=SEED_MAX),
+    "data.pad_multiple": dict(lo=1), "data.synthetic_vocab": dict(lo=0), "optimizer.warmup_steps": dict(lo=0),
+    "optimizer.decay_steps": dict(lo=0), "parallel.num_slices": dict(lo=1), "parallel.grad_accum_steps": dict(lo=1),
+    "parallel.num_processes": dict(lo=0), "parallel.process_id": dict(lo=-1),
+    "checkpoint.save_interval_steps": dict(lo=1), "checkpoint.max_to_keep": dict(lo=1), "log.every_steps": dict(lo=1),
+}
+FLOAT_RANGES: dict[str, dict] = {
+    "optimizer.lr": dict(lo=0.0), "optimizer.min_lr": dict(lo=0.0), "optimizer.b1": dict(lo=0.0, hi=1.0, hi_open=True),
+    "optimizer.b2": dict(lo=0.0, hi=1.0, hi_open=True), "optimizer.eps": dict(lo=0.0),
+    "optimizer.weight_decay": dict(lo=0.0), "optimizer.clip_grad_norm": dict(lo=0.0),
+    "log.peak_tflops_per_device": dict(lo=0.0),
+}
+
+
 def check(cfg: TrainConfig) -> None:
-    """Raises a one-line ValueError naming the field of an inconsistent config."""
+    """Raises a one-line ValueError naming the field of an inconsistent or nonsensical config."""
+    _check_fields(cfg, "")
     d, p = cfg.data, cfg.parallel
-    if p.num_slices < 1:
-        raise ValueError(f"parallel.num_slices={p.num_slices} must be >= 1")
-    if p.grad_accum_steps < 1:
-        raise ValueError(f"parallel.grad_accum_steps={p.grad_accum_steps} must be >= 1")
+    if p.rules not in RULE_SETS:
+        raise ValueError(f"parallel.rules={p.rules!r} is unknown; known: {sorted(RULE_SETS)}")
     if d.global_batch_size % p.grad_accum_steps:
         raise ValueError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                          f"parallel.grad_accum_steps={p.grad_accum_steps}")
-    if cfg.loss.chunk_size < 1:
-        raise ValueError(f"loss.chunk_size={cfg.loss.chunk_size} must be >= 1")
-    if cfg.optimizer.warmup_steps < 0 or cfg.total_steps < 1:
-        raise ValueError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} / total_steps={cfg.total_steps} out of range")
+
+
+def _check_fields(section: Any, prefix: str) -> None:
+    """Every field holds its declared kind of value (a config file may set anything) within its range; no
+    float is NaN or infinite. Nested sections are walked; the model section must be a ChameleonConfig."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, typ, key = getattr(section, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, typ):
+                raise ValueError(f"{key} must be a {typ.__name__}, got {type(value).__name__}")
+            if typ is not ChameleonConfig:
+                _check_fields(value, key + ".")
+        elif typ is int:
+            check_int(key, value, **INT_RANGES.get(key, {}))
+        elif typ is float:
+            check_float(key, value, **FLOAT_RANGES.get(key, {}))
+        elif typ in (bool, str) and not isinstance(value, typ):
+            raise ValueError(f"{key} must be {'true or false' if typ is bool else 'a string'}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -134,18 +175,35 @@ def _parse_value(text: str, typ: Any, key: str) -> Any:
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"override {key}={text}: expected a boolean (true/false)")
-    if typ in (int, float):
+        raise OverrideError(f"override {key}={text}: expected a boolean (true/false)")
+    if typ is int:
+        return _parse_int(text, key)
+    if typ is float:
         try:
-            return typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
+            return float(text)
         except ValueError:
-            raise ValueError(f"override {key}={text}: expected {typ.__name__}") from None
+            raise OverrideError(f"override {key}={text}: expected float") from None
     if typ is str:
         return text
     if origin is tuple:
         (inner, *_rest) = typing.get_args(typ)
         return tuple(_parse_value(t, inner, key) for t in text.split(",") if t)
-    raise ValueError(f"override {key}: unsupported field type {typ}")
+    raise OverrideError(f"override {key}: unsupported field type {typ}")
+
+
+def _parse_int(text: str, key: str) -> int:
+    """An integer, also written as 2e3; a fraction (1.5), an infinity or NaN is not one."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise OverrideError(f"override {key}={text}: expected int") from None
+    if not value.is_integer():  # also False for inf and NaN
+        raise OverrideError(f"override {key}={text}: expected int (a whole number)")
+    return int(value)
 
 
 def apply_override(cfg: Any, key: str, text: str, _full_key: str | None = None) -> Any:
@@ -162,7 +220,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value")
+            raise OverrideError(f"override {item!r}: expected key=value")
         key, text = (part.strip() for part in item.split("=", 1))
         _add_to_tree(tree, key, text, key)
     return _apply_tree(cfg, tree)
@@ -174,7 +232,7 @@ def _add_to_tree(tree: dict, key: str, text: str, full: str) -> dict:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {full}: {part!r} is not a config section")
+            raise OverrideError(f"override {full}: {part!r} is not a config section")
     node[parts[-1]] = (full, text)
     return tree
 
@@ -192,14 +250,14 @@ def _apply_tree(cfg: Any, tree: dict) -> Any:
     for name, value in tree.items():
         full = _first_key(value)
         if name not in fields:
-            raise ValueError(f"override {full}: {type(cfg).__name__} has no field {name!r}; known: {sorted(fields)}")
+            raise OverrideError(f"override {full}: {type(cfg).__name__} has no field {name!r}; known: {sorted(fields)}")
         current = getattr(cfg, name)
         if isinstance(value, dict):
             if not dataclasses.is_dataclass(current):
-                raise ValueError(f"override {full}: {name!r} is not a config section")
+                raise OverrideError(f"override {full}: {name!r} is not a config section")
             changes[name] = _apply_tree(current, value)
         elif dataclasses.is_dataclass(current):
-            raise ValueError(f"override {full}: {name!r} is a section; set one of its fields ({name}.<field>=...)")
+            raise OverrideError(f"override {full}: {name!r} is a section; set one of its fields ({name}.<field>=...)")
         else:
             changes[name] = _parse_value(value[1], hints[name], full)
     return dataclasses.replace(cfg, **changes) if changes else cfg
@@ -209,12 +267,20 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
     """Imports `path` (a configs/<name>.py defining get_config()) and applies the overrides."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
+    if not path.endswith(".py"):
+        raise ValueError(f"{path}: a config is a Python file (configs/<name>.py) defining get_config()")
     spec = importlib.util.spec_from_file_location(f"_train_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"{path}:{e.lineno}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: defines no get_config()")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except ValueError as e:  # a TrainConfig (or ChameleonConfig) the file builds fails its checks
+        raise ValueError(f"{path}: {e}") from None
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"{path}: get_config() returned {type(cfg).__name__}, expected TrainConfig")
     return apply_overrides(cfg, list(overrides))

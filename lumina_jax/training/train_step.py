@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lumina_jax import sharding
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.chameleon import Chameleon, compute_logits
+from lumina_jax.state import finite_flags
 from lumina_jax.training.config import LossConfig, TrainConfig
 from lumina_jax.training.loss import chunked_loss_sums
 from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -138,8 +139,18 @@ def make_grad_fn(ctx: StepContext):
     return grads_and_sums
 
 
+def checked_state(state: dict) -> dict:
+    """The part of the train state whose finiteness decides whether it may be saved (`state_finite`)."""
+    return {"params": state["params"], "opt_state": state["opt_state"]}
+
+
 def make_train_step(ctx: StepContext):
-    """Returns the pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`."""
+    """Returns the pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`.
+
+    Besides the scalar metrics, `metrics["state_finite"]` holds one boolean per floating-point leaf of the
+    updated parameters and optimizer state (`lumina_jax.state.finite_flags` of `checked_state`): a finite loss
+    does not prove a finite update (an overflowing learning rate, or moments that overflow), and the trainer
+    must know before it saves."""
     grads_and_sums = make_grad_fn(ctx)
     zw = ctx.model_config.z_loss_weight
 
@@ -160,6 +171,7 @@ def make_train_step(ctx: StepContext):
             "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
         }
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+        metrics["state_finite"] = finite_flags(checked_state(new_state))
         return new_state, metrics
 
     return step_fn
