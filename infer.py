@@ -21,6 +21,7 @@ from lumina_jax.validation import SEED_MAX, float_flag, int_flag, target_size_fl
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lumina_jax.inference import add_placement_flags
     from lumina_jax.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,12 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation length limit per answer (default 8192)")
     p.add_argument("--unconstrained-size", action="store_true",
                    help="sample the size tokens freely, as the reference (default: only crop-list sizes)")
-    p.add_argument("--mesh", default=None,
-                   help="device mesh, e.g. tensor=8 or data=4,tensor=2 (axes data, fsdp, tensor; default: one device)")
-    p.add_argument("--rules", default="tensor", choices=["tensor", "fsdp"],
-                   help="parameter layout on the mesh: tensor parallel or FSDP (default tensor)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="compute dtype override (default: the decoder's config.json)")
+    add_placement_flags(p)
     p.add_argument("--out", required=True,
                    help="output directory for the PNGs and JSON sidecars (created; files of earlier runs are kept: "
                         "new ones take the next free number NNN)")
@@ -134,12 +130,13 @@ def _jsonl_item(line: str, where: str) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lumina_jax.inference import (DEFAULT_CHECKPOINT, InferenceError, Lumina, load_image_file, parse_size,
-                                      writable_output_dir)
+    from lumina_jax.inference import (DEFAULT_CHECKPOINT, InferenceError, Lumina, check_seed, load_image_file,
+                                      parse_size, writable_output_dir)
 
     try:
         prompts, images = read_prompts(args)
         size = parse_size(args.size) if args.size else None
+        check_seed(args.seed, args.num_images)
         writable_output_dir(args.out)  # before the model loads and generates
         opened = {f: load_image_file(f) for files in images for f in files}  # decoded before the model loads
         images = [[opened[f] for f in files] for files in images]

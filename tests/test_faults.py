@@ -484,7 +484,8 @@ CASES = [
     case("infer", ["--out", "{r}/o", "--prompt", "a red circle " * 100, *INFER], 1,
          "the model's context is 256 tokens", id="infer-prompt-too-long"),
     case("infer", ["--out", "{r}/o", "--seed", "4294967295", "--num-images", "2", *INFER], 1,
-         "seed 4294967295 with num_images 2: seeds up to 4294967296", id="infer-seed-range-with-images"),
+         "seed must be an integer in [0, 4294967294] (with 2 image(s) per prompt), got 4294967295", early=True,
+         id="infer-seed-range-with-images"),
     case("infer", ["--out", "{r}/o", "--size", "100x100", *INFER], 1, "size 100x100 is not on the crop list",
          id="infer-size-off-list"),
 ]
@@ -555,13 +556,16 @@ def test_sampling_settings_refuse_non_finite_and_non_integer_values(kw, needle):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(cfg=float("nan")), "cfg_scale must be a finite number"),
+    (dict(cfg=float("nan")), "cfg must be a finite number"),
     (dict(temperature=float("nan")), "temperature must be a finite number"),
     (dict(cfg_min_p=float("inf")), "cfg_min_p must be a finite number"),
-    (dict(seed=2**32), "seed must be in [0, 4294967295], got 4294967296"),
-    (dict(seed=-1), "seed must be in [0, 4294967295], got -1"),
-    (dict(seed=1.5), "seed must be an integer, got 1.5"),
-    (dict(seed=2**32 - 2, num_images=3), "seeds up to 4294967296 are needed"),
+    (dict(seed=2**32), "seed must be an integer in [0, 4294967295] (with 1 image(s) per prompt), got 4294967296"),
+    (dict(seed=-1), "got -1"),
+    (dict(seed=1.5), "seed must be an integer in [0, 4294967295] (with 1 image(s) per prompt), got 1.5"),
+    (dict(seed=2**32 - 2, num_images=3), "seed must be an integer in [0, 4294967293] (with 3 image(s)"),
+    (dict(image_top_k=2.5), "image_top_k must be an integer, got 2.5"),
+    (dict(max_new_tokens="8"), "max_new_tokens must be an integer, got '8'"),
+    (dict(cfg="3"), "cfg must be a number, got '3'"),
     (dict(num_images=0), "num_images must be >= 1, got 0"),
     (dict(prompts=["a red circle " * 100]), "prompt 0 is"),
 ])

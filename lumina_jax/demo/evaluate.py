@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from lumina_jax.inference import DEMO_CFG_MIN_P
 from lumina_jax.validation import SEED_MAX, float_flag, int_flag
 
-DEMO_CFG_MIN_P = 0.05  # the plausibility floor `make demo` uses with guidance (docs/demo_recipe.md)
 PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
 
 
