@@ -17,7 +17,8 @@ import argparse
 import json
 import sys
 
-from lumina_jax.validation import SEED_MAX, float_flag, int_flag, target_size_flag
+from lumina_jax.unirep import target_size_flag
+from lumina_jax.validation import SEED_MAX, float_flag, int_flag
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lumina_jax import param_checkpoint
 from lumina_jax.convert.errors import ConversionError
-from lumina_jax.validation import target_size_flag
+from lumina_jax.unirep import target_size_flag
 
 MANIFEST = "lumina.json"
 TOKENIZER_FILES = ("text_tokenizer.json", "vqgan.yaml", "vqgan.ckpt")

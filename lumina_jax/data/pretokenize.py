@@ -36,7 +36,8 @@ import time
 import numpy as np
 
 from lumina_jax.data import records
-from lumina_jax.validation import SEED_MAX, int_flag, parse_json, target_size_flag
+from lumina_jax.unirep import target_size_flag
+from lumina_jax.validation import SEED_MAX, int_flag, parse_json
 
 WORK = "_work"
 REPORT = "pretokenize_report.json"
