@@ -159,7 +159,8 @@ class Lumina:
 
         directory = Path(directory)
         if not directory.is_dir():
-            raise InferenceError(f"{directory}: checkpoint directory does not exist")
+            raise InferenceError(f"{directory}: checkpoint directory "
+                                 f"{'is a file, not a directory' if directory.exists() else 'does not exist'}")
         try:
             rule_set = S.rule_set(rules)
         except ValueError as e:

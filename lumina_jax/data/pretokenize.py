@@ -341,6 +341,8 @@ def _read_items(path: str) -> tuple[list, str]:
         raise PretokenizeError(str(e)) from None
     if not isinstance(items, list):
         raise PretokenizeError(f"--input {path}: top level must be a list of items, got {type(items).__name__}")
+    if not items:
+        raise PretokenizeError(f"--input {path}: holds no items (an empty list)")
     return items, hashlib.sha256(raw).hexdigest()
 
 
