@@ -643,7 +643,7 @@ def test_sampling_settings_refuse_non_finite_and_non_integer_values(kw, needle):
     (dict(seed=1.5), "seed must be an integer in [0, 4294967295] (with 1 image(s) per prompt), got 1.5"),
     (dict(seed=2**32 - 2, num_images=3), "seed must be an integer in [0, 4294967293] (with 3 image(s)"),
     (dict(image_top_k=2.5), "image_top_k must be an integer, got 2.5"),
-    (dict(max_new_tokens="8"), "max_new_tokens must be an integer, got '8'"),
+    (dict(text_top_k="10"), "text_top_k must be an integer, got '10'"),
     (dict(guidance="3"), "guidance must be a number, got '3'"),
     (dict(num_images=0), "num_images must be >= 1, got 0"),
     (dict(prompts=["a red circle " * 100]), "prompt 0 is"),

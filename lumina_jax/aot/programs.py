@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lumina_jax import sharding
+from lumina_jax import param_checkpoint, sharding
 from lumina_jax.aot.analysis import JaxprStats, analyse_jaxpr
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.flops import matmul_params, train_flops_per_token
@@ -137,7 +137,8 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     dm = ChameleonDecodeModel(cfg)  # its cache carries the logical cache axes; the rules shard it
     rows = spec.batch_size * (2 if settings.use_guidance else 1)
     S = host.prompt.shape[1] + max_new
-    kv = _attach(jax.eval_shape(lambda: init_cache(cfg, rows, S)), sharding.cache_shardings(cfg, mesh, rules))
+    kv = param_checkpoint.abstract_like(jax.eval_shape(lambda: init_cache(cfg, rows, S)),
+                                       sharding.cache_shardings(cfg, mesh, rules))
     with sharding.sharding_context(mesh, rules):
         lowered = decode_jit.lower(dm, params, inputs, settings=settings, ids=ids, size_table=table)
         closed = jax.make_jaxpr(lambda p, i, t: decode_jit(dm, p, i, settings=settings, ids=ids, size_table=t))(
