@@ -17,7 +17,8 @@ import argparse
 import json
 import sys
 
-from lumina_jax.validation import SEED_MAX, float_flag, int_flag, target_size_flag
+from lumina_jax.unirep import target_size_flag
+from lumina_jax.validation import SEED_MAX, float_flag, int_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,12 +131,13 @@ def _jsonl_item(line: str, where: str) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lumina_jax.inference import (DEFAULT_CHECKPOINT, InferenceError, Lumina, load_image_file, parse_size,
-                                      writable_output_dir)
+    from lumina_jax.inference import (DEFAULT_CHECKPOINT, InferenceError, Lumina, check_seed, load_image_file,
+                                      parse_size, writable_output_dir)
 
     try:
         prompts, images = read_prompts(args)
         size = parse_size(args.size) if args.size else None
+        check_seed(args.seed, args.num_images)
         writable_output_dir(args.out)  # before the model loads and generates
         opened = {f: load_image_file(f) for files in images for f in files}  # decoded before the model loads
         images = [[opened[f] for f in files] for files in images]

@@ -167,6 +167,8 @@ def _evaluate(row: Row, c: Candidate, name: str, cache_dir: str, fresh: bool, lo
     if bound:
         result = {"fits": False, "reason": bound, "topology": c.topology}
     else:
+        if os.path.exists(path + ".tmp"):  # left by an interrupted run of this script
+            os.remove(path + ".tmp")
         cmd = command(row, c, path + ".tmp")
         log(" ".join(cmd[1:]))
         t0 = time.time()

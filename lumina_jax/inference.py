@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from lumina_jax import param_checkpoint
 from lumina_jax.sampling import processors
 from lumina_jax.state import restore_params
 from lumina_jax.tasks import get_task
-from lumina_jax.validation import SEED_MAX, check_int
+from lumina_jax.validation import SEED_MAX, check_float, check_int
 
 # The shipped demo model (`python -m lumina_jax.demo.recipe`), used when no checkpoint is given.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo_weights"
@@ -110,6 +109,14 @@ def add_placement_flags(p) -> None:
                    help="compute dtype override (default: the decoder's config.json)")
 
 
+def task_preset(task: str):
+    """The preset of a task name; an unknown name is an InferenceError listing the tasks."""
+    try:
+        return get_task(task)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
+
+
 def check_seed(seed: Any, num_images: int = 1) -> int:
     """`seed` as an int; its answers use seed .. seed + num_images - 1, which must all lie in [0, SEED_MAX]."""
     try:
@@ -154,7 +161,8 @@ class Lumina:
 
         directory = Path(directory)
         if not directory.is_dir():
-            raise InferenceError(f"{directory}: checkpoint directory does not exist")
+            raise InferenceError(f"{directory}: checkpoint directory "
+                                 f"{'is a file, not a directory' if directory.exists() else 'does not exist'}")
         try:
             rule_set = S.rule_set(rules)
         except ValueError as e:
@@ -229,7 +237,7 @@ class Lumina:
         """Token ids of one prompt: `[bos, ..., 8710]` (a string, or multi-turn (question, answer) pairs)."""
         from lumina_jax.conversation import ConversationError, build_prompt
 
-        preset = get_task(task)
+        preset = task_preset(task)
         if isinstance(prompt, str) or prompt is None:
             w, h = size if size is not None else (None, None)
             try:
@@ -251,15 +259,16 @@ class Lumina:
                           top_p: float = 1.0, max_new_tokens: int = 8192,
                           constrain_size: bool = True) -> processors.SamplingSettings:
         """The task preset's sampling defaults with the given overrides, checked (InferenceError names the value)."""
+        preset = task_preset(task)
         try:
-            preset = get_task(task)
-        except ValueError as e:
-            raise InferenceError(str(e)) from None
-        for name, value in (("guidance", guidance), ("cfg_min_p", cfg_min_p), ("temperature", temperature),
-                            ("top_p", top_p)):
-            if value is not None and not math.isfinite(float(value)):
-                raise InferenceError(f"{name} must be a finite number, got {value}")
-        try:
+            for name, value in (("guidance", guidance), ("cfg_min_p", cfg_min_p), ("temperature", temperature),
+                                ("top_p", top_p)):
+                if value is not None:
+                    check_float(name, value)
+            for name, value in (("image_top_k", image_top_k), ("text_top_k", text_top_k),
+                                ("max_new_tokens", max_new_tokens)):
+                if value is not None:
+                    check_int(name, value)
             return processors.SamplingSettings(
                 cfg_scale=preset.guidance if guidance is None else float(guidance), cfg_min_p=float(cfg_min_p),
                 image_top_k=preset.image_top_k if image_top_k is None else int(image_top_k),
@@ -298,11 +307,7 @@ class Lumina:
         """
         if isinstance(size, str):
             size = parse_size(size)
-        try:
-            template = get_task(task).template
-        except ValueError as e:
-            raise InferenceError(str(e)) from None
-        if size is None and "{width}" in template:  # the prompt names a size: the square target size
+        if size is None and "{width}" in task_preset(task).template:  # the prompt names a size: the square target size
             size = (self.target_size, self.target_size)
         forced = self.size_to_patches(size) if size is not None else None
         images = images if images is not None else [[] for _ in prompts]
@@ -310,10 +315,10 @@ class Lumina:
             raise InferenceError(f"{len(images)} image lists for {len(prompts)} prompts")
         try:
             check_int("num_images", num_images, 1)
+            if pad_rows_to is not None:
+                check_int("pad_rows_to", pad_rows_to, 1)
         except ValueError as e:
             raise InferenceError(str(e)) from None
-        if pad_rows_to is not None and pad_rows_to < 1:
-            raise InferenceError(f"pad_rows_to must be >= 1, got {pad_rows_to}")
         seeds = [seed] * len(prompts) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise InferenceError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -344,7 +349,7 @@ class Lumina:
     def answer_header(self, task: str, size: tuple[int, int] | None, open_image: bool | None = None) -> list[int]:
         """Tokens fed after the prompt: <racm3:break> when the answer opens with an image (`open_image`, default:
         the task preset's), then its two size tokens when `size` (W, H) is forced; else none."""
-        if not (get_task(task).answer_is_image if open_image is None else open_image):
+        if not (task_preset(task).answer_is_image if open_image is None else open_image):
             return []
         if size is None:
             return [self.ids.image_start]

@@ -12,6 +12,7 @@ decoding validates the size tokens, the row lengths, the new lines and the image
 """
 from __future__ import annotations
 
+import argparse
 import functools
 from typing import Iterable, Sequence
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from lumina_jax.image_tokenizer import map_batched_by_shape, preprocess
 from lumina_jax.tokenizer import SpecialIds
+from lumina_jax.validation import int_flag
 
 PATCH_SIZE = 32  # pixels per size-token unit; the VQGAN downsamples 16x, so one patch is 2x2 codes
 LATENT_STRIDE = 16
@@ -56,6 +58,16 @@ def crop_size_list(target_size: int, patch_size: int = PATCH_SIZE, max_ratio: fl
     if target_size < patch_size or target_size % patch_size:
         raise ValueError(f"target_size={target_size} is not a positive multiple of patch_size={patch_size}")
     return list(_crop_sizes(target_size, patch_size, max_ratio))
+
+
+def target_size_flag(text: str) -> int:
+    """An argparse `type=` for a training resolution: one that has a crop list (a positive multiple of 32)."""
+    value = int_flag(lo=1)(text)
+    try:
+        crop_size_list(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (e.g. 512, 768, 1024)") from None
+    return value
 
 
 def best_crop_size(width: int, height: int, crop_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:

@@ -13,7 +13,6 @@ import math
 import numbers
 from typing import Any, Callable, Optional
 
-
 SEED_MAX = 2**32 - 1  # jax.random.key keeps the low 32 bits: larger (or negative) seeds alias smaller ones
 
 
@@ -81,18 +80,6 @@ def float_flag(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: 
 
     parse.__name__ = "number"
     return parse
-
-
-def target_size_flag(text: str) -> int:
-    """An argparse `type=` for a training resolution: one that has a crop list (a positive multiple of 32)."""
-    from lumina_jax.unirep import crop_size_list  # here: unirep imports jax and param_checkpoint, which imports this
-
-    value = int_flag(lo=1)(text)
-    try:
-        crop_size_list(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{e} (e.g. 512, 768, 1024)") from None
-    return value
 
 
 def _refuse_constant(name: str):

@@ -36,16 +36,22 @@ from lumina_jax.convert.__main__ import main as convert_main  # noqa: E402
 from lumina_jax.convert.hf_config import hf_config_from_chameleon  # noqa: E402
 from lumina_jax.convert.vqgan import state_dict_from_params  # noqa: E402
 from lumina_jax.data import pretokenize  # noqa: E402
+from lumina_jax.demo import evaluate as demo_evaluate, recipe as demo_recipe, shape_analysis  # noqa: E402
+from lumina_jax.demo import vqgan as demo_vqgan  # noqa: E402
+from lumina_jax.serve import __main__ as serve_main  # noqa: E402
 from lumina_jax.testing.tokenizer import write_text_tokenizer_json  # noqa: E402
 from lumina_jax.testing.torch_zip import TensorMeta, write_torch_zip  # noqa: E402
 from lumina_jax.testing.vqgan import (random_vqgan_params, tiny_vqgan_config, write_vqgan_checkpoint,  # noqa: E402
                                       write_vqgan_yaml)
 
 MAINS = {"convert": convert_main, "infer": infer.main, "pretok": pretokenize.main, "tok": tokenizer_train.main,
-         "aot": aot_main.main}
+         "aot": aot_main.main, "serve": serve_main.main, "evaluate": demo_evaluate.main, "recipe": demo_recipe.main,
+         "demo-vqgan": demo_vqgan.main, "analysis": shape_analysis.main}
 # the expensive step a command must not reach when a case is `early`
 EXPENSIVE = {"infer": "lumina_jax.inference.Lumina.load", "aot": "lumina_jax.aot.__main__.run",
-             "pretok": "lumina_jax.data.pretokenize.run_shard", "convert": "lumina_jax.param_checkpoint.save_params"}
+             "pretok": "lumina_jax.data.pretokenize.run_shard", "convert": "lumina_jax.param_checkpoint.save_params",
+             "serve": "lumina_jax.inference.Lumina.load", "evaluate": "lumina_jax.inference.Lumina.load",
+             "recipe": "lumina_jax.demo.recipe._run", "demo-vqgan": "lumina_jax.training.vqgan_train.train"}
 
 
 # ------------------------------------------------------------------------------------------ the input tree
@@ -154,6 +160,14 @@ def world(tmp_path_factory):
     write_vqgan_ckpt(tok / "vqgan.ckpt", vq_cfg)
     write_vqgan_yaml(tok / "vqgan.yaml", vq_cfg)
     write_vqgan_checkpoint(r / "vq", vq_cfg)
+    tok8192 = r / "tok8192"  # codes match the tokenizer's image tokens; the tiny decoder's vocabulary is too small
+    tok8192.mkdir()
+    write_text_tokenizer_json(str(tok8192 / "text_tokenizer.json"))
+    write_vqgan_ckpt(tok8192 / "vqgan.ckpt", tiny_vqgan_config(n_embed=8192))
+    write_vqgan_yaml(tok8192 / "vqgan.yaml", tiny_vqgan_config(n_embed=8192))
+    (r / "configs").mkdir()
+    (r / "configs" / "broken.py").write_text("def get_config(:\n")
+    (r / "configs" / "imports.py").write_text("import no_such_module_anywhere\n")
     y = r / "yaml"
     y.mkdir()
     base_yaml = (tok / "vqgan.yaml").read_text()
@@ -204,6 +218,7 @@ def world(tmp_path_factory):
     (d / "nan.json").write_text("[NaN]")
     (d / "huge.json").write_text("[1e999]")
     (d / "truncated.json").write_text('[{"conversations": [')
+    (d / "empty.json").write_text("[]")
     k = r / "corpus"
     k.mkdir()
     (k / "empty.txt").write_text("")
@@ -288,6 +303,25 @@ CASES = [
                      "--overwrite"], 1, "the output contains the input", id="assemble-out-holds-model"),
     case("convert", ["assemble", "--model", "{r}/hf", "--tokenizer", "{r}/tok", "--out", "{r}/tok/asm"], 1,
          "the output lies inside the input", id="assemble-out-in-tokenizer"),
+    case("aot", [*AOT, "--json", "{r}/afile"], 2, "--json {r}/afile: already exists", early=True,
+         id="aot-json-exists"),
+    case("aot", [*AOT, "--json", "{r}/afile", "--overwrite"], 2, "was not written by lumina-jax", early=True,
+         id="aot-json-overwrite-foreign-file"),
+    case("evaluate", ["--json", "{r}/afile"], 2, "{r}/afile: already exists", early=True, id="evaluate-json-exists"),
+    case("evaluate", ["--json", "{r}/missing/rows.json"], 2, "directory {r}/missing does not exist", early=True,
+         id="evaluate-json-missing-dir"),
+    case("evaluate", ["--out", "{r}/userdir"], 2, "--out {r}/userdir: exists and is not an empty directory",
+         early=True, id="evaluate-out-user-dir"),
+    case("recipe", ["--out", "{r}/userdir"], 1, "a non-empty directory that this recipe did not start", early=True,
+         id="recipe-out-user-dir"),
+    case("recipe", ["--out", "{r}/afile"], 1, "--out {r}/afile: exists and is not a directory", early=True,
+         id="recipe-out-file"),
+    case("recipe", ["--out", "{r}", "--vqgan", "{r}/vq"], 1, "the output contains the input {r}/vq", early=True,
+         id="recipe-vqgan-inside-out"),
+    case("demo-vqgan", ["--out", "{r}/userdir", "--overwrite", "--quiet"], 2, "has no lumina_jax_output.json",
+         early=True, id="demo-vqgan-overwrite-user-dir"),
+    case("demo-vqgan", ["--out", "{r}/afile/x", "--quiet"], 2, "afile is not a directory", early=True,
+         id="demo-vqgan-out-under-file"),
     case("pretok", ["--input", "{r}/data/items.json", "--out", "{r}/data/items.json", "--target-size", "32", *PRETOK],
          1, "exists and is not a directory", early=True, id="pretok-out-is-input"),
     case("pretok", ["--input", "{r}/data/items.json", "--out", "{r}/userdir", "--target-size", "32", *PRETOK], 1,
@@ -367,8 +401,10 @@ CASES = [
          id="aot-json-is-dir"),
     case("convert", ["assemble", "--model", "{r}/hf", "--tokenizer", "{r}/tok", "--out", "{r}/o", "--target-size",
                      "100"], 2, "--target-size: target_size=100", id="assemble-target-size-100"),
-    case("convert", ["chameleon-export", "{r}/conv", "{r}/o", "--max-shard-size", "0"], 1,
+    case("convert", ["chameleon-export", "{r}/conv", "{r}/o", "--max-shard-size", "0"], 2,
          "--max-shard-size: must be positive", id="export-shard-size-0"),
+    case("convert", ["chameleon-export", "{r}/conv", "{r}/o", "--max-shard-size=-5GB"], 2,
+         "--max-shard-size: cannot parse '-5GB'", id="export-shard-size-negative"),
 
     # -- config fields of the wrong type or range in the files read, named with their value
     case("convert", ["chameleon", "{r}/hf_heads0", "{r}/o"], 1, "num_attention_heads must be in [1,",
@@ -484,9 +520,53 @@ CASES = [
     case("infer", ["--out", "{r}/o", "--prompt", "a red circle " * 100, *INFER], 1,
          "the model's context is 256 tokens", id="infer-prompt-too-long"),
     case("infer", ["--out", "{r}/o", "--seed", "4294967295", "--num-images", "2", *INFER], 1,
-         "seed 4294967295 with num_images 2: seeds up to 4294967296", id="infer-seed-range-with-images"),
+         "seed must be an integer in [0, 4294967294] (with 2 image(s) per prompt), got 4294967295", early=True,
+         id="infer-seed-range-with-images"),
     case("infer", ["--out", "{r}/o", "--size", "100x100", *INFER], 1, "size 100x100 is not on the crop list",
          id="infer-size-off-list"),
+    case("infer", ["--out", "{r}/o", "--checkpoint", "{r}/afile", *INFER], 1,
+         "afile: checkpoint directory is a file, not a directory", id="infer-checkpoint-is-file"),
+    case("infer", ["--out", "{r}/o", "--checkpoint", "{r}/hf", *INFER], 1, "not an assembled model directory",
+         id="infer-checkpoint-is-hf-download"),
+    case("convert", ["assemble", "--model", "{r}/hf", "--tokenizer", "{r}/tok", "--out", "{r}/o"], 1,
+         "vqgan.yaml has 64 codes but text_tokenizer.json has 8192 image tokens", early=True,
+         id="assemble-codes-disagree"),
+    case("convert", ["assemble", "--model", "{r}/hf", "--tokenizer", "{r}/tok8192", "--out", "{r}/o"], 1,
+         "vocab_size 512 is smaller than the 65536 entries", early=True, id="assemble-vocabulary-too-small"),
+    case("convert", ["assemble", "--model", "{r}/hf", "--tokenizer", "{r}/tok8192", "--out", "{r}/tok8192",
+                     "--overwrite"], 1, "the output is the input", early=True, id="assemble-out-is-tokenizer"),
+    case("convert", ["chameleon-export", "{r}/nowhere", "{r}/o"], 1, "error: {r}/nowhere/config.json: missing",
+         id="export-source-missing"),
+    case("pretok", ["--input", "{r}/data/empty.json", "--out", "{r}/o", "--target-size", "32", *PRETOK], 1,
+         "empty.json: holds no items", early=True, id="pretok-input-empty"),
+    case("aot", [*AOT, "--config", "{r}/afile"], 2, "--config {r}/afile: expected a Python experiment file",
+         early=True, id="aot-config-not-python"),
+    case("aot", [*AOT, "--config", "{r}/configs/broken.py"], 2, "broken.py: SyntaxError", id="aot-config-syntax"),
+    case("aot", [*AOT, "--config", "{r}/configs/imports.py"], 2, "imports.py: ModuleNotFoundError",
+         id="aot-config-import-fails"),
+    case("serve", ["--max-batch", "0"], 2, "--max-batch: must be >= 1, got 0", early=True, id="serve-max-batch-0"),
+    case("serve", ["--max-wait-ms", "inf"], 2, "--max-wait-ms: must be a finite number", early=True,
+         id="serve-max-wait-inf"),
+    case("serve", ["--port", "-1"], 2, "--port: must be in [0, 65535], got -1", early=True, id="serve-port-negative"),
+    case("evaluate", ["--guidance", "1,nan"], 2, "each scale must be a finite number, got nan", early=True,
+         id="evaluate-guidance-nan"),
+    case("evaluate", ["--guidance", "0"], 2, "each scale must be > 0.0, got 0.0", early=True,
+         id="evaluate-guidance-0"),
+    case("evaluate", ["--per-split", "-2"], 2, "--per-split: must be >= 1", early=True, id="evaluate-per-split"),
+    case("recipe", ["--out", "{r}/recipe", "--seed", "-1"], 2, "--seed: must be in [0, 4294967167]", early=True,
+         id="recipe-seed-negative"),
+    case("recipe", ["--out", "{r}/recipe", "--preset", "huge"], 2, "--preset: invalid choice", early=True,
+         id="recipe-preset-unknown"),
+    case("demo-vqgan", ["--out", "{r}/o", "--min-extent", "nan", "--quiet"], 2, "--min-extent: must be a finite",
+         early=True, id="demo-vqgan-extent-nan"),
+    case("demo-vqgan", ["--out", "{r}/o", "--min-extent", "0.8", "--max-extent", "0.5", "--quiet"], 2,
+         "DemoVQGANConfig.max_extent must be in [0.8, 0.9], got 0.5", early=True, id="demo-vqgan-extents-crossed"),
+    case("demo-vqgan", ["--out", "{r}/o", "--eval-per-size", "0", "--quiet"], 2,
+         "DemoVQGANConfig.eval_per_size must be >= 1, got 0", early=True, id="demo-vqgan-eval-per-size-0"),
+    case("analysis", ["{r}/images/ok.png", "{r}/images/bomb.png"], 1, "bomb.png: cannot read image (Image size",
+         id="analysis-bomb"),
+    case("analysis", ["{r}/images/truncated.png"], 1, "truncated.png: cannot read image", id="analysis-truncated"),
+    case("analysis", ["{r}/images/none.png"], 1, "none.png: cannot read image", id="analysis-missing"),
 ]
 
 
@@ -558,10 +638,13 @@ def test_sampling_settings_refuse_non_finite_and_non_integer_values(kw, needle):
     (dict(guidance=float("nan")), "guidance must be a finite number"),
     (dict(temperature=float("nan")), "temperature must be a finite number"),
     (dict(cfg_min_p=float("inf")), "cfg_min_p must be a finite number"),
-    (dict(seed=2**32), "seed must be in [0, 4294967295], got 4294967296"),
-    (dict(seed=-1), "seed must be in [0, 4294967295], got -1"),
-    (dict(seed=1.5), "seed must be an integer, got 1.5"),
-    (dict(seed=2**32 - 2, num_images=3), "seeds up to 4294967296 are needed"),
+    (dict(seed=2**32), "seed must be an integer in [0, 4294967295] (with 1 image(s) per prompt), got 4294967296"),
+    (dict(seed=-1), "got -1"),
+    (dict(seed=1.5), "seed must be an integer in [0, 4294967295] (with 1 image(s) per prompt), got 1.5"),
+    (dict(seed=2**32 - 2, num_images=3), "seed must be an integer in [0, 4294967293] (with 3 image(s)"),
+    (dict(image_top_k=2.5), "image_top_k must be an integer, got 2.5"),
+    (dict(text_top_k="10"), "text_top_k must be an integer, got '10'"),
+    (dict(guidance="3"), "guidance must be a number, got '3'"),
     (dict(num_images=0), "num_images must be >= 1, got 0"),
     (dict(prompts=["a red circle " * 100]), "prompt 0 is"),
 ])

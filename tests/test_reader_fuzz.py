@@ -2,7 +2,7 @@
 
 Small valid files are mutated at random with a fixed seed (bytes flipped, files cut, header fields and tensor
 offsets, sizes, strides and storage sizes replaced by hostile values), and every case is read in a child
-process, so a segfault, a hang (timeout) or an allocation failure fails the test instead of the session.
+process, so a segfault, a hang (timeout) or an allocation failure fails the test instead of the whole pytest run.
 Each case must either fail with one ConversionError line naming the file, or load data that an independent
 computation predicts: for torch files the view its (possibly mutated) metadata describes, computed by explicit
 index arithmetic over the original storage bytes; for safetensors files what the `safetensors` library reads.

@@ -145,12 +145,20 @@ def test_help_explains_every_flag(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
-    (["--max-wait-ms", "nan"], "--max-wait-ms must be a finite number >= 0, got nan"),
-    (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
-    (["--checkpoint", "/nonexistent/model"], "checkpoint directory does not exist"),
+    (["--max-batch", "0"], "argument --max-batch: must be >= 1, got 0"),
+    (["--max-wait-ms", "nan"], "argument --max-wait-ms: must be a finite number, got nan"),
+    (["--max-wait-ms", "-1"], "argument --max-wait-ms: must be >= 0.0, got -1.0"),
+    (["--port", "70000"], "argument --port: must be in [0, 65535], got 70000"),
 ])
-def test_bad_flags_exit_with_one_line_before_serving(argv, message, capsys):
-    assert serve_cli.main(argv) == 1
+def test_bad_flags_are_usage_errors_before_serving(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve_cli.main(argv)
+    assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert message in err.strip().splitlines()[-1]
+
+
+def test_a_missing_checkpoint_is_one_line_before_serving(capsys):
+    assert serve_cli.main(["--checkpoint", "/nonexistent/model"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "checkpoint directory does not exist" in err and err.count("\n") == 1

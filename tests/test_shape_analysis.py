@@ -127,4 +127,6 @@ def test_cli_prints_analysis(tmp_path, capsys):
     shapes.render(spec).save(tmp_path / "t.png")
     assert sa.main([str(tmp_path / "t.png")]) == 0
     assert "96x32, a white triangle on a black background" in capsys.readouterr().out
-    assert sa.main([str(tmp_path / "missing.png")]) == 2
+    assert sa.main([str(tmp_path / "missing.png")]) == 1  # a file mistake, not a usage error
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.png: cannot read image" in err and err.count("\n") == 1

@@ -18,7 +18,9 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+from lumina_jax import param_checkpoint  # noqa: E402
 from lumina_jax.aot.programs import GenerateSpec, lower_generate, lower_train  # noqa: E402
 from lumina_jax.aot.report import compile_and_report, format_report  # noqa: E402
 from lumina_jax.aot.topology import build_mesh, parse_topology, topology_devices  # noqa: E402
@@ -26,6 +28,7 @@ from lumina_jax.training.config import apply_override, load_config  # noqa: E402
 from lumina_jax.validation import float_flag, int_flag  # noqa: E402
 
 EXIT_DOES_NOT_FIT = 3
+REPORT_MARK = "written_by_lumina_jax_aot"  # in every --json report: what --overwrite may replace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = keep the config's global batch)")
     p.add_argument("--mfu", type=float_flag(0.0, 1.0, lo_open=True), default=0.4,
                    help="model FLOPs utilisation assumed for the step-time estimate (default 0.4)")
-    p.add_argument("--json", default="", help="also write the report as JSON to this path")
+    p.add_argument("--json", default="", help="also write the report as JSON to this path (in an existing directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --json replace an earlier report of this tool (never another file)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
     return p
 
@@ -78,7 +83,10 @@ def run(args: argparse.Namespace):
         raise ValueError(f"generate.* overrides given with --mode {args.mode}: {gen_over}")
     if args.slices is not None:
         train_over.append(f"parallel.num_slices={args.slices}")
-    cfg = load_config(args.config, train_over)
+    try:
+        cfg = load_config(args.config, train_over)
+    except (SyntaxError, ImportError, NameError) as e:  # the experiment file itself does not run
+        raise ValueError(f"--config {args.config}: {type(e).__name__}: {e}") from None
     topo = parse_topology(args.topology, cfg.parallel.num_slices)
     if args.per_device_batch:
         total = args.per_device_batch * topo.num_chips
@@ -106,6 +114,12 @@ def main(argv=None) -> int:
         if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             parser.error(f"--json {args.json}: " + ("is a directory" if os.path.isdir(args.json) else
                                                     f"directory {folder} does not exist or is not writable"))
+        try:
+            param_checkpoint.check_output_file(args.json, args.overwrite, written_here=_is_report)
+        except param_checkpoint.CheckpointError as e:
+            parser.error(f"--json {e}")
+    if not args.config.endswith(".py"):
+        parser.error(f"--config {args.config}: expected a Python experiment file configs/<name>.py")
     try:
         rep = run(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
@@ -113,11 +127,17 @@ def main(argv=None) -> int:
         return 2
     print(format_report(rep))
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(rep.to_dict(), f, indent=2, default=str)
-        os.replace(tmp, args.json)
+        with param_checkpoint.atomic_file(args.json, args.overwrite, written_here=_is_report) as tmp:
+            tmp.write_text(json.dumps({**rep.to_dict(), REPORT_MARK: True}, indent=2, default=str) + "\n")
     return 0 if rep.fits else EXIT_DOES_NOT_FIT
+
+
+def _is_report(path) -> bool:
+    """Whether `path` is a report this tool wrote (a JSON object carrying REPORT_MARK)."""
+    try:
+        return json.loads(Path(path).read_bytes()).get(REPORT_MARK) is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lumina_jax import param_checkpoint
 from lumina_jax.convert.errors import ConversionError
-from lumina_jax.validation import target_size_flag
+from lumina_jax.unirep import target_size_flag
 
 MANIFEST = "lumina.json"
 TOKENIZER_FILES = ("text_tokenizer.json", "vqgan.yaml", "vqgan.ckpt")
@@ -30,6 +30,7 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
              progress: bool = True) -> dict:
     """Converts and gathers the parts; returns the manifest written to OUT/lumina.json."""
     from lumina_jax.convert import chameleon as conv_decoder
+    from lumina_jax.convert import hf_config as hfc
     from lumina_jax.convert import vqgan as conv_vqgan
     from lumina_jax.tokenizer import SpecialIds, TextTokenizer
     from lumina_jax.unirep import crop_size_list
@@ -54,18 +55,22 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
         special = SpecialIds.from_tokenizer(text_tok)
     except ValueError as e:
         raise ConversionError(f"{tokenizer_dir / 'text_tokenizer.json'}: {e}") from None
+    # the parts must fit together: checked from their configs, before minutes of conversion
+    vq_cfg = conv_vqgan.read_yaml_config(str(tokenizer_dir / "vqgan.yaml"))
+    if vq_cfg.n_embed != special.num_image_codes:
+        raise ConversionError(f"{tokenizer_dir}: vqgan.yaml has {vq_cfg.n_embed} codes but text_tokenizer.json "
+                              f"has {special.num_image_codes} image tokens")
+    hf_path = model_dir / "config.json"
+    vocab_size = hfc.chameleon_config_from_hf(conv_decoder.read_hf_config(hf_path), source=str(hf_path)).vocab_size
+    if vocab_size < text_tok.vocab_size:
+        raise ConversionError(f"{hf_path}: vocab_size {vocab_size} is smaller than the {text_tok.vocab_size} "
+                              f"entries of {tokenizer_dir / 'text_tokenizer.json'}")
     try:
         with param_checkpoint.atomic_directory(out, overwrite=overwrite, inputs=[model_dir, tokenizer_dir]) as tmp:
             cfg = conv_decoder.convert(model_dir, tmp / "decoder", dtype=dtype, compute_dtype=compute_dtype,
                                        progress=progress)
-            vq_cfg = conv_vqgan.convert(str(tokenizer_dir / "vqgan.ckpt"), str(tokenizer_dir / "vqgan.yaml"),
-                                        str(tmp / "vqgan"), progress=progress)
-            if vq_cfg.n_embed != special.num_image_codes:
-                raise ConversionError(f"{tokenizer_dir}: vqgan has {vq_cfg.n_embed} codes but text_tokenizer.json "
-                                      f"has {special.num_image_codes} image tokens")
-            if cfg.vocab_size < text_tok.vocab_size:
-                raise ConversionError(f"{model_dir}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
-                                      f"{text_tok.vocab_size} entries")
+            conv_vqgan.convert(str(tokenizer_dir / "vqgan.ckpt"), str(tokenizer_dir / "vqgan.yaml"), str(tmp / "vqgan"),
+                               progress=progress)
             (tmp / "tokenizer").mkdir()
             shutil.copyfile(tokenizer_dir / "text_tokenizer.json", tmp / "tokenizer" / "text_tokenizer.json")
             tokenizer = "tokenizer/text_tokenizer.json"

@@ -203,7 +203,8 @@ def _check_keys(files: sio.ModelFiles, plans: list[KeyPlan], source: Path) -> di
     return skipped
 
 
-def _read_hf_config(path: Path) -> dict:
+def read_hf_config(path: Path) -> dict:
+    """A Hugging Face config.json as a dict; a missing file or malformed JSON is a ConversionError naming it."""
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
     try:
@@ -219,7 +220,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
     src, out = Path(src), Path(out)
     with checkpoint_errors_as_conversion_errors():
         param_checkpoint.check_output_dir(out, overwrite, inputs=[src])
-    hf = _read_hf_config(src / "config.json")
+    hf = read_hf_config(src / "config.json")
     hfc.chameleon_config_from_hf(hf, source=str(src / "config.json"))  # architecture checks before reading weights
     files = sio.ModelFiles(src)
     heads = int(hfc.field(hf, "num_attention_heads"))
@@ -290,15 +291,17 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
     with checkpoint_errors_as_conversion_errors():
         param_checkpoint.check_output_dir(out, overwrite, inputs=[src, hf_config_path])
     limit = sio.parse_size(max_shard_size)
+    with checkpoint_errors_as_conversion_errors():
+        stored = param_checkpoint.read_json(src, "config.json")  # its errors name the file
     try:
-        cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(src, "config.json"))
-    except (param_checkpoint.CheckpointError, ValueError, TypeError) as e:
+        cfg = ChameleonConfig.from_dict(stored)
+    except (ValueError, TypeError) as e:
         raise ConversionError(f"{src / 'config.json'}: {e}") from None
     if hf_config_path is not None:
-        hf = _read_hf_config(Path(hf_config_path))
+        hf = read_hf_config(Path(hf_config_path))
         hf_source = str(hf_config_path)
     elif (src / "hf_config.json").is_file():
-        hf = _read_hf_config(src / "hf_config.json")
+        hf = read_hf_config(src / "hf_config.json")
         hf_source = str(src / "hf_config.json")
     else:
         hf, hf_source = None, None
@@ -364,6 +367,14 @@ OVERWRITE_HELP = (f"replace OUT if it exists and was written by lumina-jax (hold
                   f"{param_checkpoint.OUTPUT_MARKER}); never a path that is, holds or lies inside an input")
 
 
+def shard_size_flag(text: str) -> int:
+    """An argparse `type=` for --max-shard-size: a positive size like 5GB, 500MiB or a byte count."""
+    try:
+        return sio.parse_size(text)
+    except ConversionError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--max-shard-size: ")) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     if command == "chameleon":
@@ -400,7 +411,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("out", help="output Hugging Face directory (must not exist unless --overwrite)")
         parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default=None,
                             help="dtype of the written tensors (default: the checkpoint's dtype per parameter)")
-        parser.add_argument("--max-shard-size", default="5GB",
+        parser.add_argument("--max-shard-size", type=shard_size_flag, default="5GB",
                             help="largest safetensors file, e.g. 5GB, 500MiB or a byte count (default: 5GB); "
                                  "more than one file adds model.safetensors.index.json")
         parser.add_argument("--hf-config", default=None,

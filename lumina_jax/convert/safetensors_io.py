@@ -271,12 +271,13 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5e9, '500MiB' -> 500*2**20, '1234' -> 1234 bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ConversionError(f"--max-shard-size: cannot parse {text!r} (examples: 5GB, 500MiB, 1000000)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _SIZE_RE.match(str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ConversionError(f"--max-shard-size: cannot parse {text!r} (examples: 5GB, 500MiB, 1000000)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
         raise ConversionError(f"--max-shard-size: must be positive, got {text!r}")
     return value

@@ -131,18 +131,23 @@ def read_state_dict(path: str, key: str = "state_dict", use_torch: bool = False)
     return dict(sd)
 
 
+def read_yaml_config(yaml_path: str) -> VQGANConfig:
+    """The VQGAN config of a taming-transformers vqgan.yaml; any problem is one ConversionError line."""
+    if not os.path.isfile(yaml_path):
+        raise ConversionError(f"{yaml_path}: no such file")
+    try:
+        return VQGANConfig.from_yaml(yaml_path)
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        raise ConversionError(" ".join(str(e).split())) from None
+
+
 def convert(ckpt_path: str, yaml_path: str, out_dir: str, overwrite: bool = False, use_torch: bool = False,
             state_dict_key: str = "state_dict", progress: bool = True) -> VQGANConfig:
     """vqgan.ckpt + vqgan.yaml -> `out_dir` (`params/` + `vqgan_config.json`); returns the config written."""
     inputs = [ckpt_path, yaml_path]
     with checkpoint_errors_as_conversion_errors():
         param_checkpoint.check_output_dir(out_dir, overwrite, inputs)
-    if not os.path.isfile(yaml_path):
-        raise ConversionError(f"{yaml_path}: no such file")
-    try:
-        config = VQGANConfig.from_yaml(yaml_path)
-    except (ValueError, TypeError, yaml.YAMLError) as e:
-        raise ConversionError(" ".join(str(e).split())) from None
+    config = read_yaml_config(yaml_path)
     sd = read_state_dict(ckpt_path, state_dict_key, use_torch)
     attn = attn_resolutions_from_keys(sd, config)
     if set(attn) != set(config.attn_resolutions):

@@ -36,7 +36,8 @@ import time
 import numpy as np
 
 from lumina_jax.data import records
-from lumina_jax.validation import SEED_MAX, int_flag, parse_json, target_size_flag
+from lumina_jax.unirep import target_size_flag
+from lumina_jax.validation import SEED_MAX, int_flag, parse_json
 
 WORK = "_work"
 REPORT = "pretokenize_report.json"
@@ -340,6 +341,8 @@ def _read_items(path: str) -> tuple[list, str]:
         raise PretokenizeError(str(e)) from None
     if not isinstance(items, list):
         raise PretokenizeError(f"--input {path}: top level must be a list of items, got {type(items).__name__}")
+    if not items:
+        raise PretokenizeError(f"--input {path}: holds no items (an empty list)")
     return items, hashlib.sha256(raw).hexdigest()
 
 

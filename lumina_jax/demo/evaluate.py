@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from lumina_jax import param_checkpoint
 from lumina_jax.inference import DEMO_CFG_MIN_P
-from lumina_jax.validation import SEED_MAX, float_flag, int_flag
+from lumina_jax.validation import SEED_MAX, check_float, float_flag, int_flag
 
 PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
 
@@ -36,8 +37,10 @@ def parse_scales(text: str) -> list[float]:
         scales = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--guidance {text!r}: expected comma-separated numbers, e.g. 1,3") from None
-    if not scales or any(s < 0 for s in scales):
-        raise ValueError(f"--guidance {text!r}: expected one or more scales >= 0")
+    if not scales:
+        raise ValueError(f"--guidance {text!r}: expected one or more scales, e.g. 1,3")
+    for s in scales:
+        check_float(f"--guidance {text!r}: each scale", s, 0.0, lo_open=True)
     return scales
 
 
@@ -111,23 +114,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-min-p", type=float_flag(0.0, 1.0, hi_open=True), default=DEMO_CFG_MIN_P,
                    help="with guidance, sample only codes whose conditional probability is at least this share "
                         "of the top code's (0 = guidance as the reference)")
-    p.add_argument("--out", default=None, help="also save every generated image under OUT/guidance<g>/")
-    p.add_argument("--json", default=None, help="also write the table rows to this JSON file")
+    p.add_argument("--out", default=None,
+                   help="also save every generated image under OUT/guidance<g>/ (OUT: a new or empty directory)")
+    p.add_argument("--json", default=None,
+                   help="also write the table rows to this JSON file (a new file in an existing directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from lumina_jax.demo.shape_analysis import format_table
     from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina
 
     try:
         scales = parse_scales(args.guidance)
+        if args.json:
+            param_checkpoint.check_output_file(args.json)
+        if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+            raise ValueError(f"--out {args.out}: exists and is not an empty directory (earlier images are kept)")
+    except (ValueError, param_checkpoint.CheckpointError) as e:
+        parser.error(str(e))
+    try:
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
-    except (ValueError, InferenceError) as e:
-        print(f"lumina_jax.demo.evaluate: {e}", file=sys.stderr)
-        return 2
+    except InferenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     rows = evaluate(lm, scales, args.per_split, args.seed, args.spec_seed, args.image_top_k, args.temperature,
                     args.out, progress=not args.quiet, cfg_min_p=args.cfg_min_p)
@@ -135,9 +148,8 @@ def main(argv=None) -> int:
           f"temperature {args.temperature:g}, cfg min-p {args.cfg_min_p:g}, {time.perf_counter() - t0:.0f} s")
     print(format_table(rows))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+        with param_checkpoint.atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from lumina_jax.validation import SEED_MAX, int_flag
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPORT = "recipe_report.json"
 STAGES = ("shapes", "vqgan", "tokenizer", "pretokenize", "stage1", "stage2", "assemble")
@@ -208,6 +210,26 @@ def strip_machine_paths(model_dir: Path) -> None:
         tok.write_bytes(proto.SerializeToString())
 
 
+def claim_work_dir(out: Path, vqgan: str | None = None) -> None:
+    """Makes `out` the recipe's work directory, refusing one it did not start: reruns replace its stage folders
+    (vqgan/, tokenizer/, data/, runs/, export/, model/), which must never be a user's own files or --vqgan."""
+    from lumina_jax import param_checkpoint
+
+    try:
+        param_checkpoint.check_outside_inputs(out, [vqgan])
+    except param_checkpoint.CheckpointError as e:
+        raise RecipeError(f"--out {e}") from None
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out {out}: exists and is not a directory")
+    marker = out / param_checkpoint.OUTPUT_MARKER
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise RecipeError(f"--out {out}: a non-empty directory that this recipe did not start (it has no "
+                          f"{param_checkpoint.OUTPUT_MARKER}); choose a new or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        param_checkpoint.write_json(out, param_checkpoint.OUTPUT_MARKER, {"written_by": "lumina-jax demo recipe"})
+
+
 def run_recipe(out: Path, seed: int = 0, preset: str = "full", vqgan: str | None = None,
                start_at: str = STAGES[0], python: str = sys.executable) -> dict:
     """Runs the stages from `start_at` on into `out` (earlier stages' outputs must be there already);
@@ -218,7 +240,7 @@ def run_recipe(out: Path, seed: int = 0, preset: str = "full", vqgan: str | None
         raise RecipeError(f"--start-at {start_at!r} is not one of {STAGES}")
     p = PRESETS[preset]
     out = out.absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(out, vqgan)
     log = out / "recipe.log"
     report: dict = {"seed": seed, "preset": preset, "stages": {}}
     sets = {64: out / "shapes64", 128: out / "shapes128"}
@@ -309,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lumina_jax.demo.recipe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="work directory; the inference directory is written to OUT/model")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage (data, VQGAN, vocabulary, decoder)")
+    p.add_argument("--seed", type=int_flag(0, SEED_MAX - 128), default=0,
+                   help="seed of every stage (data, VQGAN, vocabulary, decoder); the shapes sets use seed + 64 "
+                        "and seed + 128")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS),
                    help="full: the shipped model; smoke: every stage at toy size (for tests)")
     p.add_argument("--start-at", default=STAGES[0], choices=STAGES,
@@ -322,12 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.vqgan and not os.path.isfile(os.path.join(args.vqgan, "vqgan_config.json")):
-        print(f"lumina_jax.demo.recipe: --vqgan {args.vqgan}: no vqgan_config.json there", file=sys.stderr)
+        print(f"error: --vqgan {args.vqgan}: no vqgan_config.json there", file=sys.stderr)
         return 2
     try:
         report = run_recipe(Path(args.out), args.seed, args.preset, args.vqgan, args.start_at)
     except RecipeError as e:
-        print(f"lumina_jax.demo.recipe: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     t = report["total"]
     print(f"[recipe] done in {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU; "

@@ -157,9 +157,9 @@ def main(argv=None) -> int:
         try:
             with Image.open(path) as im:
                 a = analyse(im)
-        except OSError as e:
-            print(f"{path}: cannot read image ({e})", file=sys.stderr)
-            return 2
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's kinds of bad file
+            print(f"error: {path}: cannot read image ({e})", file=sys.stderr)
+            return 1
         print(f"{path}: {a.size[0]}x{a.size[1]}, a {a.colour} {a.shape} on a {a.background} background "
               f"(fill {a.fill_ratio:.3f}, bbox {a.bbox})")
     return 0

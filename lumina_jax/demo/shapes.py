@@ -30,7 +30,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lumina_jax.validation import SEED_MAX, float_flag, int_flag, target_size_flag
+from lumina_jax.unirep import target_size_flag
+from lumina_jax.validation import SEED_MAX, float_flag, int_flag
 
 # Palette: far apart in RGB (smallest pairwise distance about 150), so nearest-colour analysis is robust.
 PALETTE: dict[str, tuple[int, int, int]] = {

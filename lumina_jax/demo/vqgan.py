@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -30,6 +29,7 @@ from lumina_jax.image_tokenizer import ImageTokenizer, preprocess
 from lumina_jax.training import vqgan_train
 from lumina_jax.training.vqgan_train import REPORT_FILE, VQGANTrainConfig, flag_field
 from lumina_jax.unirep import crop_size_list
+from lumina_jax.validation import check_float, check_int, float_flag, int_flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,10 @@ class DemoVQGANConfig(VQGANTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_float("DemoVQGANConfig.min_extent", self.min_extent, 0.0, 0.9, lo_open=True)
+        check_float("DemoVQGANConfig.max_extent", self.max_extent, self.min_extent, 0.9)
+        check_float("DemoVQGANConfig.position_jitter", self.position_jitter, 0.0, 1.0)
+        check_int("DemoVQGANConfig.eval_per_size", self.eval_per_size, 1)
         self.eval_sizes  # validates eval_target_sizes
 
     @property
@@ -103,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out reconstruction evaluation")
-    for f in dataclasses.fields(DemoVQGANConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+    for f in dataclasses.fields(DemoVQGANConfig):  # numbers are finite integers or floats (ranges: the config)
+        kind = {int: int_flag(), float: float_flag()}.get(type(f.default), type(f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                        help=f"{f.metadata['help']} (default: {f.default})")
     return p
 
@@ -113,10 +118,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = DemoVQGANConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoVQGANConfig)})
-        if not args.overwrite and os.path.exists(args.out):
-            raise param_checkpoint.CheckpointError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+        param_checkpoint.check_output_dir(args.out, args.overwrite)  # before minutes of training
     except (ValueError, RuntimeError) as e:
-        print(f"lumina_jax.demo.vqgan: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     params, report = vqgan_train.train(cfg, functools.partial(training_batch, cfg), progress=not args.quiet)
     if not args.no_eval:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from lumina_jax.inference import add_placement_flags
+from lumina_jax.validation import float_flag, int_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
-    p.add_argument("--max-batch", type=int, default=8,
+    p.add_argument("--port", type=int_flag(0, 65535), default=7860, help="TCP port, 0..65535 (default 7860)")
+    p.add_argument("--max-batch", type=int_flag(1), default=8,
                    help="images decoded together in one generate call (default 8). Every call runs this many rows "
                         "(padded), so results do not depend on what shares a batch; 1 turns batching off")
-    p.add_argument("--max-wait-ms", type=float, default=50.0,
+    p.add_argument("--max-wait-ms", type=float_flag(0.0), default=50.0,
                    help="how long the oldest waiting request may wait for others to join its batch (default 50)")
     p.add_argument("--warm-up", action="store_true",
                    help="compile the decode program of the default text-to-image settings before serving "
@@ -43,17 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="server log level (default warning; info also logs every HTTP request)")
     return p
-
-
-def check_args(args) -> None:
-    from lumina_jax.inference import InferenceError
-
-    if args.max_batch < 1:
-        raise InferenceError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if not (math.isfinite(args.max_wait_ms) and args.max_wait_ms >= 0):
-        raise InferenceError(f"--max-wait-ms must be a finite number >= 0, got {args.max_wait_ms}")
-    if not 0 <= args.port <= 65535:
-        raise InferenceError(f"--port must be in [0, 65535], got {args.port}")
 
 
 def _stop(signum, frame):
@@ -71,7 +60,6 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        check_args(args)
         lm = Lumina.load(Path(args.checkpoint or DEFAULT_CHECKPOINT), mesh=args.mesh, rules=args.rules,
                          dtype=args.dtype)
     except InferenceError as e:
