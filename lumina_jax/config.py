@@ -10,6 +10,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+# Values of ChameleonConfig.attention_impl (implemented in lumina_jax.models.attention_ops).
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class ChameleonConfig:
@@ -40,10 +43,12 @@ class ChameleonConfig:
     logits_dtype: str = "float32"  # dtype of returned logits
     scan_layers: bool = True  # stack layers with nn.scan (parameters carry a leading "layers" axis)
     remat_policy: str = "none"  # named rematerialisation policy for each block (see models.chameleon.REMAT_POLICIES)
+    attention_impl: str = "auto"  # auto (by backend: TPU splash, GPU cudnn, CPU dense), dense, blockwise, splash, cudnn
+    attention_block: int = 512  # query/key block (tokens) of the blockwise and splash implementations
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "q_norm_rows", "k_norm_rows"):
+                     "head_dim", "q_norm_rows", "k_norm_rows", "attention_block"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ChameleonConfig.{name}={getattr(self, name)} must be a positive integer")
         if self.head_dim % 2:
@@ -60,6 +65,8 @@ class ChameleonConfig:
                 f"ChameleonConfig image_token_start={self.image_token_start}, image_token_end={self.image_token_end} "
                 "must satisfy 0 <= start <= end"
             )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ChameleonConfig.attention_impl={self.attention_impl!r} is unknown; known: {ATTENTION_IMPLS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.num_heads % self.q_norm_rows:
