@@ -12,8 +12,8 @@ a prompt without a cache); with slots it is the KV-cache case (queries at cache_
 - `cudnn`: cuDNN flash attention on GPU via `jax.nn.dot_product_attention` (bf16/fp16; self-attention).
 - `auto`: by backend at trace time: `AUTO_BY_PLATFORM`.
 
-The kernels have static causal masks, so in the cache case they hand over to `dense` for a few new
-tokens (a decode step: the (T, S) scores are small) and to `blockwise` for longer ones.
+The kernels have static causal masks, so in the cache case they (and `auto`) hand over to `dense` for a
+few new tokens (a decode step: the (T, S) scores are small, one fused op) and to `blockwise` for longer ones.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ Array = jax.Array
 KERNELS = ("splash", "cudnn")
 # What `auto` means on each backend (CPU: see docs/model.md, "Attention implementations", for the measurement).
 AUTO_BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn", "cpu": "dense"}
-CACHE_DENSE_MAX_NEW = 16  # cache case under a kernel: dense for up to this many new tokens, blockwise beyond
+CACHE_DENSE_MAX_NEW = 16  # cache case under a kernel or auto: dense up to this many new tokens, blockwise beyond
 
 
 def resolve_impl(impl: str, platform: Optional[str] = None, dtype=None) -> str:
@@ -70,7 +70,7 @@ def attention(
         raise ValueError("attention: give both q_slots and k_slots (the KV-cache case) or neither")
     if q_slots is not None and segment_ids is not None:
         raise ValueError("attention: segment_ids is for self-attention; the KV-cache case is causal by slot only")
-    impl = resolve_impl(impl, dtype=q.dtype)
+    requested, impl = impl, resolve_impl(impl, dtype=q.dtype)
     if q_slots is None:
         if S != T:
             raise ValueError(f"attention without slots is self-attention, but T={T} queries and S={S} keys")
@@ -79,8 +79,8 @@ def attention(
         if impl == "cudnn":
             return cudnn_attention(q, k, v, segment_ids)
         q_slots = k_slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    elif impl in KERNELS:
-        impl = "dense" if T <= CACHE_DENSE_MAX_NEW else "blockwise"
+    elif impl in KERNELS or requested == "auto":
+        impl = "dense" if T <= CACHE_DENSE_MAX_NEW else ("dense" if impl == "dense" else "blockwise")
     if impl == "dense":
         return dense_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids)
     return blockwise_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids, block_q=block, block_k=block)
