@@ -43,7 +43,7 @@ class ChameleonConfig:
     logits_dtype: str = "float32"  # dtype of returned logits
     scan_layers: bool = True  # stack layers with nn.scan (parameters carry a leading "layers" axis)
     remat_policy: str = "none"  # named rematerialisation policy for each block (see models.chameleon.REMAT_POLICIES)
-    attention_impl: str = "auto"  # auto (by backend: TPU splash, GPU cudnn, CPU dense), dense, blockwise, splash, cudnn
+    attention_impl: str = "auto"  # auto (by backend: TPU splash, GPU cudnn, CPU blockwise), dense, blockwise, splash, cudnn
     attention_block: int = 512  # query/key block (tokens) of the blockwise and splash implementations
 
     def __post_init__(self):

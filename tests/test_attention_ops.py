@@ -110,7 +110,7 @@ def test_blockwise_equals_dense_in_the_cache_case(name, T, K, cache_index):
     q_slots = jnp.asarray(cache_index, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
     k_slots = self_slots(B, S)
     want = value_and_grads(lambda q, k, v: reference(q, k, v, q_slots, k_slots), q, k, v, d_out)
-    for impl in ("dense", "blockwise", "splash", "cudnn"):  # the kernels hand the cache case to dense/blockwise
+    for impl in ("dense", "blockwise", "splash", "cudnn", "auto"):  # kernels and auto hand over to dense/blockwise
         got = value_and_grads(lambda q, k, v: ops.attention(q, k, v, impl=impl, q_slots=q_slots, k_slots=k_slots,
                                                             block=8), q, k, v, d_out)
         assert_same(got, want)

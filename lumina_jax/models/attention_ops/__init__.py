@@ -34,7 +34,7 @@ __all__ = ["IMPLEMENTATIONS", "AUTO_BY_PLATFORM", "attention", "attention_mask",
 Array = jax.Array
 KERNELS = ("splash", "cudnn")
 # What `auto` means on each backend (CPU: see docs/model.md, "Attention implementations", for the measurement).
-AUTO_BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn", "cpu": "dense"}
+AUTO_BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn", "cpu": "blockwise"}
 CACHE_DENSE_MAX_NEW = 16  # cache case under a kernel or auto: dense up to this many new tokens, blockwise beyond
 
 
