@@ -19,6 +19,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lumina_jax.inference import add_placement_flags
     from lumina_jax.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,12 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8192, help="generation length limit per answer (default 8192)")
     p.add_argument("--unconstrained-size", action="store_true",
                    help="sample the size tokens freely, as the reference (default: only crop-list sizes)")
-    p.add_argument("--mesh", default=None,
-                   help="device mesh, e.g. tensor=8 or data=4,tensor=2 (axes data, fsdp, tensor; default: one device)")
-    p.add_argument("--rules", default="tensor", choices=["tensor", "fsdp"],
-                   help="parameter layout on the mesh: tensor parallel or FSDP (default tensor)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="compute dtype override (default: the decoder's config.json)")
+    add_placement_flags(p)
     p.add_argument("--out", required=True, help="output directory for the PNGs and JSON sidecars")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p

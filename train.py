@@ -71,11 +71,10 @@ def main(argv=None) -> int:
         return 3
     if args.export_dir or args.export_hf_dir:
         from lumina_jax.training import export
-        export.export_run_state(result["state"]["params"], result["run"].ctx.model_config, args.export_dir,
-                                hf_dir=args.export_hf_dir, dtype=args.export_dtype,
-                                source_dir=cfg.checkpoint.init_from)
-    if result["stopped_by_signal"]:
-        print(f"train.py: stopped by signal at step {result['step']}; checkpoint saved in {cfg.output_dir}",
+        export.export_run_state(result.params, result.model_config, args.export_dir, hf_dir=args.export_hf_dir,
+                                dtype=args.export_dtype, source_dir=cfg.checkpoint.init_from)
+    if result.stopped_by_signal:
+        print(f"train.py: stopped by signal at step {result.step}; checkpoint saved in {cfg.output_dir}",
               file=sys.stderr)
     return 0
 

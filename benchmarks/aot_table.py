@@ -7,8 +7,8 @@ that fits (tried from 8 sequences per batch shard down, so refusals, which are q
     python benchmarks/aot_table.py --only 7b-512 --fresh
     python benchmarks/aot_table.py --only train --write docs/aot.md  # replace the tables between the markers
 
-Train rows use the reference's per-device batch (8 sequences of data.seq_len per chip and optimizer step,
-spec §6) reached by gradient accumulation; generation rows use guidance at 768 px on tensor-parallel meshes.
+Train rows use the reference's per-device batch (8 sequences of data.seq_len per chip and optimizer step;
+docs/reference.md, 'FP-SFT settings') reached by gradient accumulation; generation rows use guidance at 768 px on tensor-parallel meshes.
 A candidate smaller than the first fitting one is listed with why it does not fit: the compiler's verdict,
 or a lower bound: a train step holds fp32 weights, both Adam moments and fp32 gradients at once (16 bytes
 per parameter), and when that alone exceeds the usable HBM the candidate is not compiled.
@@ -39,7 +39,7 @@ GiB = 1024 ** 3
 HBM = {"v5e": 16 * GiB, "v5p": 95 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
 # HBM the TPU compiler lets a program use, where we have seen it state it (v5e: "available HBM (15.75G)").
 USABLE = {"v5e": 15.75 * GiB}
-PARAMS = {"7b": 7.013e9, "34b": 34.294e9}  # spec §1.1
+PARAMS = {"7b": 7.013e9, "34b": 34.294e9}  # decoder parameters (docs/reference.md, 'Model sizes')
 PER_DEVICE_BATCH = 8  # the reference: --batch_size 8 per GPU
 MICRO_BATCHES = (8, 4, 2)  # micro-batches (sequences per batch shard) tried on the smallest slice, largest first
 

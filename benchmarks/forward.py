@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     import torch
     import transformers
 
-    from lumina_jax import checkpoint
+    from lumina_jax import param_checkpoint
     from lumina_jax.config import ChameleonConfig
     from lumina_jax.convert.chameleon import convert
     from lumina_jax.models.chameleon import Chameleon
@@ -86,8 +86,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(Path(tmp) / "hf")
         convert(Path(tmp) / "hf", Path(tmp) / "ckpt", compute_dtype=args.dtype, progress=False)
-        cfg = ChameleonConfig.from_dict(checkpoint.read_json(Path(tmp) / "ckpt", "config.json"))
-        params = jax.device_put(checkpoint.restore_params(Path(tmp) / "ckpt"))
+        cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(Path(tmp) / "ckpt", "config.json"))
+        params = jax.device_put(param_checkpoint.restore_params(Path(tmp) / "ckpt"))
 
     tokens = np.random.default_rng(args.seed).integers(0, args.vocab, (args.batch, args.length), dtype=np.int32)
     n_tokens = args.batch * args.length

@@ -168,7 +168,7 @@ def run_baseline(model, prompt, max_new, args):
 # ---- ours ----------------------------------------------------------------------------------------------------
 
 def load_ours(model, tmp):
-    from lumina_jax import checkpoint
+    from lumina_jax import param_checkpoint
     from lumina_jax.config import ChameleonConfig
     from lumina_jax.convert.chameleon import convert
     from lumina_jax.models.chameleon import unstack_layers
@@ -177,7 +177,7 @@ def load_ours(model, tmp):
     model.save_pretrained(src)
     cfg = convert(src, os.path.join(tmp, "ours"), dtype="float32", compute_dtype="float32",
                   mask_image_logits=False, progress=False)
-    params = checkpoint.restore_params(os.path.join(tmp, "ours"))
+    params = param_checkpoint.restore_params(os.path.join(tmp, "ours"))
     # decoding runs layer by layer: unstacked weights avoid slicing the stacked ones at every step
     return ChameleonConfig.from_dict(cfg.to_dict()).replace(scan_layers=False), unstack_layers(params)
 

@@ -50,6 +50,7 @@ def compile_ours(args, tokens, segment_ids=None, **model_overrides):
 
     from lumina_jax import sharding
     from lumina_jax.config import ChameleonConfig
+    from lumina_jax.state import init_train_state, train_state_shardings
     from lumina_jax.training import train_step as ts
     from lumina_jax.training.config import LossConfig, OptimizerConfig
     from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -61,9 +62,8 @@ def compile_ours(args, tokens, segment_ids=None, **model_overrides):
     tx = make_optimizer(ocfg, 1000)
     ctx = ts.StepContext(cfg, LossConfig(chunk_size=args.chunk_size, fused_grad=not args.no_fused), tx,
                          learning_rate_schedule(ocfg, 1000), 1, mesh, sharding.FSDP_RULES)
-    shardings = ts.state_shardings(ctx, ts.abstract_state(ctx, args.seed),
-                                   sharding.param_shardings(None, cfg, mesh, sharding.FSDP_RULES))
-    state = ts.init_state(ctx, shardings, args.seed)
+    shardings = train_state_shardings(cfg, tx, mesh, sharding.FSDP_RULES)
+    state = init_train_state(cfg, tx, mesh, sharding.FSDP_RULES, args.seed)
     B, T = tokens.shape[0], tokens.shape[1] - 1
     batch = ts.global_batch(ctx, {
         "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((B, T), np.float32),

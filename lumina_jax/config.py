@@ -74,14 +74,6 @@ class ChameleonConfig:
         if self.num_kv_heads % self.k_norm_rows:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} is not a multiple of k_norm_rows={self.k_norm_rows}")
 
-    @property
-    def jnp_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def jnp_param_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
     def replace(self, **kw) -> "ChameleonConfig":
         return dataclasses.replace(self, **kw)
 

@@ -1,4 +1,6 @@
-"""Conversations -> (tokens, labels) with Lumina-mGPT's template and label masking (spec §5.1).
+"""Conversations -> (tokens, labels) with Lumina-mGPT's template and label masking.
+
+The rules are the reference's (docs/reference.md#conversation-format-and-labels).
 
 A conversation is a list of turns alternating human (even index) and assistant (odd index). Each message is
 followed by the turn separator `<reserved08706>` (8710); roles are never rendered. `<|image|>` in a message

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.models.vqgan import VQGAN, VQGANConfig, abstract_params
 
 CONFIG_FILE = "vqgan_config.json"
@@ -111,9 +111,9 @@ class ImageTokenizer:
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, dtype: str = "float32", **kwargs) -> "ImageTokenizer":
         """Loads a directory written by `python -m lumina_jax.convert vqgan` (`params/` + `vqgan_config.json`)."""
-        config = VQGANConfig.from_dict(checkpoint.read_json(directory, CONFIG_FILE), source=f"{directory}/{CONFIG_FILE}")
-        target = checkpoint.abstract_like(abstract_params(config))
-        params = checkpoint.restore_params(directory, target)
+        config = VQGANConfig.from_dict(param_checkpoint.read_json(directory, CONFIG_FILE), source=f"{directory}/{CONFIG_FILE}")
+        target = param_checkpoint.abstract_like(abstract_params(config))
+        params = param_checkpoint.restore_params(directory, target)
         return cls(config, params, dtype=dtype, **kwargs)
 
     @property

@@ -9,30 +9,36 @@
     lm.generate([[("Draw a cat.", "<|image|>"), ("Now make it blue.", None)]], images=[[cat]])   # multi-turn
 
 Every prompt x image index is one row of a single batch (conditional and unconditional rows together);
-row j of a prompt uses seed `seed + j` (as the reference's generate script), so a result does not depend on
-which other prompts share its batch.
+row j of a prompt uses seed `seed + j` (as the reference's generate script), or `seeds[i] + j` for prompt i
+when per-prompt seeds are given, so a result does not depend on which other prompts share its batch.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.sampling import processors as P
+from lumina_jax.state import restore_params
 from lumina_jax.tasks import get_task
 
 # The shipped demo model (`python -m lumina_jax.demo.recipe`), used when no checkpoint is given.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "demo_weights"
+# The guidance floor the shipped demo model samples with (`make demo`, the server's defaults, its evaluation).
+DEMO_CFG_MIN_P = 0.05
 
 MANIFEST = "lumina.json"
 IMAGE_PLACEHOLDER = "<|image|>"
+MAX_SEED = 2**32 - 1  # PRNG keys keep a seed's low 32 bits, so larger seeds would repeat smaller ones
 
 
 class InferenceError(ValueError):
@@ -67,6 +73,25 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def add_placement_flags(p) -> None:
+    """--mesh, --rules, --dtype: where and how `Lumina.load` places a model (infer.py and the server)."""
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. tensor=8 or data=4,tensor=2 (axes data, fsdp, tensor; default: one device)")
+    p.add_argument("--rules", default="tensor", choices=["tensor", "fsdp"],
+                   help="parameter layout on the mesh: tensor parallel or FSDP (default tensor)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype override (default: the decoder's config.json)")
+
+
+def check_seed(seed: Any, num_images: int = 1) -> int:
+    """`seed` as an int; its answers use seed .. seed + num_images - 1, which must all lie in [0, MAX_SEED]."""
+    top = MAX_SEED - (num_images - 1)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= top:
+        raise InferenceError(f"seed must be an integer in [0, {top}] (with {num_images} image(s) per prompt), "
+                             f"got {seed!r}")
+    return int(seed)
+
+
 class Lumina:
     """A loaded model directory: decoder, VQGAN, tokenizer and crop list, optionally on a device mesh."""
 
@@ -98,13 +123,13 @@ class Lumina:
         if not directory.is_dir():
             raise InferenceError(f"{directory}: checkpoint directory does not exist")
         try:
-            manifest = checkpoint.read_json(directory, MANIFEST)
-        except (checkpoint.CheckpointError, json.JSONDecodeError) as e:
+            manifest = param_checkpoint.read_json(directory, MANIFEST)
+        except (param_checkpoint.CheckpointError, json.JSONDecodeError) as e:
             raise InferenceError(f"{directory}: not an assembled model directory ({e}); "
                                  "build one with `python -m lumina_jax.convert assemble`") from None
         try:
             dec_dir = directory / manifest["decoder"]
-            cfg = ChameleonConfig.from_dict(checkpoint.read_json(dec_dir, "config.json"))
+            cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(dec_dir, "config.json"))
             cfg = cfg.replace(scan_layers=False, **({"dtype": dtype} if dtype else {}))
             tok = TextTokenizer.load(str(directory / manifest["tokenizer"]))
             special = SpecialIds.from_tokenizer(tok)
@@ -114,12 +139,13 @@ class Lumina:
                 mesh_obj = S.make_mesh("data=1", devices=jax.devices()[:1])
             else:
                 mesh_obj = S.make_mesh(mesh) if isinstance(mesh, str) else mesh
-            if rules not in S.RULE_SETS:
-                raise InferenceError(f"rules {rules!r} unknown; known: {sorted(S.RULE_SETS)}")
-            rule_set = S.RULE_SETS[rules]
-            params = S.load_params_sharded(dec_dir, cfg, mesh_obj, rule_set)
+            try:
+                rule_set = S.rule_set(rules)
+            except ValueError as e:
+                raise InferenceError(str(e)) from None
+            params = restore_params(dec_dir, cfg, mesh_obj, rule_set)
             vq = ImageTokenizer.from_checkpoint(directory / manifest["vqgan"])
-        except (checkpoint.CheckpointError, KeyError, ValueError, FileNotFoundError, OSError) as e:
+        except (param_checkpoint.CheckpointError, KeyError, ValueError, FileNotFoundError, OSError) as e:
             if isinstance(e, InferenceError):
                 raise
             raise InferenceError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from None
@@ -181,24 +207,53 @@ class Lumina:
             raise InferenceError(str(e)) from None
 
     # ---- generation ------------------------------------------------------------------------------------------
+    def sampling_settings(self, task: str = "t2i", *, cfg: float | None = None, cfg_min_p: float = 0.0,
+                          image_top_k: int | None = None, text_top_k: int | None = None, temperature: float = 1.0,
+                          top_p: float = 1.0, max_new_tokens: int = 8192,
+                          constrain_size: bool = True) -> P.SamplingSettings:
+        """The task preset's sampling defaults with the given overrides, checked (InferenceError names the value)."""
+        try:
+            preset = get_task(task)
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
+        for name, value in (("cfg", cfg), ("cfg_min_p", cfg_min_p), ("temperature", temperature), ("top_p", top_p)):
+            if value is not None and not math.isfinite(float(value)):
+                raise InferenceError(f"{name} must be a finite number, got {value}")
+        try:
+            return P.SamplingSettings(
+                cfg_scale=preset.cfg if cfg is None else float(cfg), cfg_min_p=float(cfg_min_p),
+                image_top_k=preset.image_top_k if image_top_k is None else int(image_top_k),
+                text_top_k=preset.text_top_k if text_top_k is None else int(text_top_k),
+                temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
+                constrain_size=constrain_size)
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
+
     def generate(self, prompts: Sequence[Any], *, task: str = "t2i", images: Sequence[Sequence[Any]] | None = None,
                  size: tuple[int, int] | str | None = None, cfg: float | None = None, cfg_min_p: float = 0.0,
                  image_top_k: int | None = None, text_top_k: int | None = None, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0, num_images: int = 1, max_new_tokens: int = 8192,
-                 constrain_size: bool = True, open_image: bool | None = None, progress: bool = True,
-                 decode_images: bool = True) -> list[Result]:
+                 top_p: float = 1.0, seed: int = 0, seeds: Sequence[int] | None = None, num_images: int = 1,
+                 max_new_tokens: int = 8192, constrain_size: bool = True, open_image: bool | None = None,
+                 progress: bool | Callable[[int, int], None] = True, decode_images: bool = True,
+                 pad_rows_to: int | None = None) -> list[Result]:
         """Generates `num_images` answers per prompt in one batch; returns them prompt-major.
 
+        Answer j of prompt i uses seed `seed + j`, or `seeds[i] + j` when `seeds` (one per prompt) is given:
+        a row's tokens depend only on its prompt, settings and seed, so callers may batch unrelated requests.
         `size` (W, H) forces the size tokens (and fills the t2i template); without it the size tokens are
         limited to the crop list of the target size (`constrain_size=False`: unconstrained, as the reference).
         `cfg`, `image_top_k`, `text_top_k` default to the task preset's values. `cfg_min_p` > 0 limits guided
         image steps to codes with conditional probability >= cfg_min_p x the top one's (`SamplingSettings`).
         `open_image` (default: the preset's `answer_is_image`) ends the prompt with <racm3:break> (and the size
         tokens when `size` is given); `token_ids` and `text` of the results include those tokens.
+        `progress`: a progress bar on stderr (True), none (False), or `fn(tokens_done, tokens_total)` called
+        from the decode loop, where the total is what the answers need once the image size is known.
+        `pad_rows_to`: run the decode loop on a multiple of this many rows (padded with copies of the first row,
+        whose results are dropped) and the VQGAN decoder on one image at a time. Different batch shapes round
+        differently (about 1e-5 in the logits), so a caller that batches unrelated requests passes a fixed
+        value: each row then comes out bit-identical whichever rows share its call, and one decode program is
+        compiled, not one per batch size.
         """
-        from lumina_jax.sampling.generate import size_table_from_crops
-
-        preset = get_task(task)
         if isinstance(size, str):
             size = parse_size(size)
         forced = self.size_to_patches(size) if size is not None else None
@@ -207,34 +262,51 @@ class Lumina:
             raise InferenceError(f"{len(images)} image lists for {len(prompts)} prompts")
         if num_images < 1:
             raise InferenceError(f"num_images must be >= 1, got {num_images}")
-        try:
-            settings = P.SamplingSettings(
-                cfg_scale=preset.cfg if cfg is None else float(cfg), cfg_min_p=float(cfg_min_p),
-                image_top_k=preset.image_top_k if image_top_k is None else int(image_top_k),
-                text_top_k=preset.text_top_k if text_top_k is None else int(text_top_k),
-                temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
-                constrain_size=constrain_size)
-        except ValueError as e:
-            raise InferenceError(str(e)) from None
-        open_image = preset.answer_is_image if open_image is None else open_image
-        header = []  # the image opened for the model; with a size, its size tokens fed too
-        if open_image:
-            header = [self.ids.image_start]
-            if forced is not None:
-                header += [self.ids.size_base + forced[0], self.ids.size_base + forced[1]]
+        if pad_rows_to is not None and pad_rows_to < 1:
+            raise InferenceError(f"pad_rows_to must be >= 1, got {pad_rows_to}")
+        seeds = [seed] * len(prompts) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise InferenceError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        for s in seeds:
+            check_seed(s, num_images)
+        settings = self.sampling_settings(task, cfg=cfg, cfg_min_p=cfg_min_p, image_top_k=image_top_k,
+                                          text_top_k=text_top_k, temperature=temperature, top_p=top_p,
+                                          max_new_tokens=max_new_tokens, constrain_size=constrain_size)
+        header = self.answer_header(task, size, open_image)
         base = [self.prompt_ids(p, task, im, size) + header for p, im in zip(prompts, images)]
         rows = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
-        out_rows = self._run([base[i] for i, _ in rows], [seed + j for _, j in rows], [forced] * len(rows),
-                             settings, progress)
+        total = self.expected_new_tokens(size, len(header), settings.max_new_tokens)
+        out_rows = self._run([base[i] for i, _ in rows], [int(seeds[i]) + j for i, j in rows],
+                             [forced] * len(rows), settings, progress, total, pad_rows_to or 1)
         results = []
         for (i, j), r in zip(rows, out_rows):
             r.tokens = header + r.tokens
-            results.append(self._result(prompts[i], task, seed + j, r, settings, size))
+            results.append(self._result(prompts[i], task, int(seeds[i]) + j, r, settings, size))
         if decode_images:
-            self._decode_all(results)
+            self._decode_all(results, one_at_a_time=pad_rows_to is not None)
         return results
 
-    def _run(self, prompts, seeds, forced, settings, progress):
+    def answer_header(self, task: str, size: tuple[int, int] | None, open_image: bool | None = None) -> list[int]:
+        """Tokens fed after the prompt: <racm3:break> when the answer opens with an image (`open_image`, default:
+        the task preset's), then its two size tokens when `size` (W, H) is forced; else none."""
+        if not (get_task(task).answer_is_image if open_image is None else open_image):
+            return []
+        if size is None:
+            return [self.ids.image_start]
+        h, w = self.size_to_patches(size)
+        return [self.ids.image_start, self.ids.size_base + h, self.ids.size_base + w]
+
+    def expected_new_tokens(self, size: tuple[int, int] | None, header_fed: int, max_new_tokens: int) -> int:
+        """Tokens an answer needs: an opened image of `size` (W, H) with `header_fed` of its tokens already in
+        the prompt, then end-of-turn; the largest crop size when the size is sampled; else `max_new_tokens`."""
+        from lumina_jax.unirep import unirep_length
+
+        if not header_fed:
+            return max_new_tokens
+        sizes = [size] if size is not None else self.crop_sizes
+        return min(max_new_tokens, max(unirep_length(w, h) for w, h in sizes) - header_fed + 1)
+
+    def _run(self, prompts, seeds, forced, settings, progress, total=None, row_multiple=1):
         import jax
         from tqdm import tqdm
 
@@ -243,16 +315,23 @@ class Lumina:
         from lumina_jax import sharding as S
 
         n = len(prompts)
-        # the batch (and its guidance twin) must split evenly over the mesh's batch axes
+        # a multiple of row_multiple rows, which (with the guidance twins) split evenly over the mesh's batch axes
         shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
-        pad = (-n) % shards
+        rows = -(-n // row_multiple) * row_multiple
+        pad = rows - n + (-rows) % shards
         prompts = list(prompts) + [prompts[0]] * pad
         seeds, forced = list(seeds) + [seeds[0]] * pad, list(forced) + [forced[0]] * pad
-        bar = tqdm(total=settings.max_new_tokens, desc="generating", unit="tok", disable=not progress,
-                   file=sys.stderr)
+        report = progress if callable(progress) else None
+        count = {"done": 0, "total": total or settings.max_new_tokens}  # tokens of the longest row so far / needed
+        bar = tqdm(total=count["total"], desc="generating", unit="tok", disable=progress is not True, file=sys.stderr)
 
         def tick(step):
-            bar.update(max(0, step - bar.n))
+            if step > count["total"]:  # the answer went on past its image (e.g. text after it)
+                count["total"] = bar.total = settings.max_new_tokens
+            count["done"] = max(count["done"], step)
+            bar.update(count["done"] - bar.n)
+            if report is not None:
+                report(count["done"], count["total"])
 
         kw = dict(seeds=seeds, settings=settings, ids=self.ids, size_table=size_table_from_crops(self.crop_sizes),
                   forced_hw=forced, progress=tick if progress else None)
@@ -260,7 +339,10 @@ class Lumina:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             with S.sharding_context(self.mesh, self.rules):
                 rows = generate_tokens(self.model, self.params, prompts, input_sharding=replicated, **kw)
-            bar.update(max(0, max(len(r.tokens) for r in rows) - bar.n))
+            done = max(len(r.tokens) for r in rows)
+            count["total"] = bar.total = done  # finished: the bar ends full, at the tokens really generated
+            if progress:
+                tick(done)
         finally:
             bar.close()
         return rows[:n]
@@ -283,12 +365,13 @@ class Lumina:
         res = Result(prompt, task, seed, text, segs.images, row.tokens, row.stopped, unfinished, s)
         return res
 
-    def _decode_all(self, results: list[Result]) -> None:
-        """Replaces each result's image token lists by PIL images (one VQGAN batch per size, all results)."""
+    def _decode_all(self, results: list[Result], one_at_a_time: bool = False) -> None:
+        """Replaces each result's image token lists by PIL images: one VQGAN batch per size over all results, or
+        one image per call (the same shape for every image, so its pixels do not depend on the others)."""
         from lumina_jax.sampling.generate import decode_images
 
         flat = [t for r in results for t in r.images]
-        pics = decode_images(flat, self.image_tokenizer, self.special)
+        pics = decode_images(flat, self.image_tokenizer, self.special, **({"max_batch": 1} if one_at_a_time else {}))
         k = 0
         for r in results:
             r.images = pics[k:k + len(r.images)]

@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis sharding rules, sharded initialisation and loading, replication check.
+"""Device meshes, logical-axis sharding rules, the replication check and the multi-host start.
 
 A mesh has the axes ("data", "fsdp", "tensor"): "data" replicates the model and splits the batch,
 "fsdp" splits the batch and shards parameters (gathered per layer by XLA), "tensor" shards heads, MLP
@@ -7,10 +7,10 @@ data (`FSDP_RULES`, `TENSOR_PARALLEL_RULES`): pairs (logical axis name, mesh axi
 wins; a logical name without a free mesh axis stays unsharded. The model's logical names are listed in
 docs/model.md.
 
-Typical use:
+Typical use (the sharded parameters themselves come from `lumina_jax.state`):
 
     mesh = make_mesh("data=2,fsdp=-1,tensor=2")
-    params = load_params_sharded(ckpt_dir, config, mesh, FSDP_RULES)    # or sharded_init(...)
+    params = state.restore_params(ckpt_dir, config, mesh, FSDP_RULES)   # or state.init_params(...)
     check_replication(params)
     with sharding_context(mesh, FSDP_RULES):                             # activation constraints
         logits = jax.jit(forward)(params, tokens)
@@ -20,20 +20,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.experimental import mesh_utils
+from jax.sharding import NamedSharding
 
-from lumina_jax import checkpoint
-from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.attention import CACHE_AXES, KVCache
-from lumina_jax.models.chameleon import Chameleon, unstack_layers
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
@@ -133,12 +128,57 @@ def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: Optional[int] = 
     return sizes
 
 
-def make_mesh(spec: str | Mapping[str, int] = "fsdp=-1", devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
-    """A mesh with axes ("data", "fsdp", "tensor") of Auto type (what Linen's logical constraints need)."""
+def make_mesh(spec: str | Mapping[str, int] = "fsdp=-1", devices: Optional[Sequence[Any]] = None,
+              num_slices: int = 1) -> jax.sharding.Mesh:
+    """A mesh with axes ("data", "fsdp", "tensor") of Auto type (what Linen's logical constraints need).
+
+    `spec` lays out the devices of one slice (over the fast in-slice network, ICI). With `num_slices` > 1
+    the data axis also spans the slices (over the data-centre network, DCN): its size is num_slices times
+    its in-slice size, and data index i lies in slice i // (in-slice size), so only the gradient all-reduce
+    crosses slices. Devices are grouped by their `slice_index` (TPU); devices without one (CPU, GPU) are
+    split in order into equal consecutive groups. train.py and the AOT tool both build their mesh here.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = parse_mesh_spec(spec, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    groups = _slices(devices, num_slices)
+    sizes = parse_mesh_spec(spec, len(groups[0]))
+    grids = [_slice_grid(tuple(sizes[a] for a in MESH_AXES), group) for group in groups]
+    return jax.sharding.Mesh(np.concatenate(grids, axis=0), MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _slices(devices: list, num_slices: int) -> list[list]:
+    if num_slices < 1:
+        raise ValueError(f"num_slices={num_slices} must be >= 1")
+    if hasattr(devices[0], "slice_index"):
+        by_slice: dict[int, list] = {}
+        for d in devices:
+            by_slice.setdefault(d.slice_index, []).append(d)
+        if len(by_slice) != num_slices:
+            raise ValueError(f"num_slices={num_slices}, but the {len(devices)} devices lie in {len(by_slice)} slice(s)")
+        groups = [by_slice[k] for k in sorted(by_slice)]
+        if len({len(g) for g in groups}) > 1:
+            raise ValueError(f"slices of unequal size: {[len(g) for g in groups]} devices")
+        return groups
+    if len(devices) % num_slices:
+        raise ValueError(f"num_slices={num_slices} does not divide the {len(devices)} devices")
+    per = len(devices) // num_slices
+    return [devices[i * per:(i + 1) * per] for i in range(num_slices)]
+
+
+def _slice_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
+    """The devices of one slice arranged as `shape`, following the physical torus where JAX knows it."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.asarray(devices).reshape(shape)  # a layout the physical-topology mapper does not know
+
+
+def rule_set(name: str, field: str = "rules") -> Rules:
+    """The rules named `name` in RULE_SETS ("fsdp" or "tensor"); otherwise one ValueError naming `field` (the
+    setting it came from, e.g. "parallel.rules") and the known sets."""
+    if name not in RULE_SETS:
+        raise ValueError(f"{field}={name!r} is unknown; known: {sorted(RULE_SETS)}")
+    return RULE_SETS[name]
 
 
 @contextlib.contextmanager
@@ -162,103 +202,6 @@ def cache_shardings(mesh: jax.sharding.Mesh, rules: Rules) -> KVCache:
     """A KVCache of NamedShardings for `init_cache` outputs (jit out_shardings) or device_put."""
     s = logical_sharding(mesh, rules, CACHE_AXES)
     return KVCache(k=s, v=s)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Parameter shardings
-
-
-def _fit_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: jax.sharding.Mesh) -> PartitionSpec:
-    """Drops mesh axes from dimensions they do not divide (those dimensions stay unsharded)."""
-    out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is None:
-            out.append(None)
-            continue
-        names = (axes,) if isinstance(axes, str) else tuple(axes)
-        kept = []
-        for name in names:
-            if dim % (math.prod(mesh.shape[n] for n in kept) * mesh.shape[name]) == 0:
-                kept.append(name)
-        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return PartitionSpec(*out)
-
-
-def abstract_params(config: ChameleonConfig, model: Optional[nn.Module] = None) -> Any:
-    """The boxed (logically partitioned) abstract parameter tree of the decoder; allocates nothing."""
-    model = model or Chameleon(config)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    with nn.logical_axis_rules(()):
-        return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-
-
-def param_shardings(model: Optional[nn.Module], config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
-    """NamedShardings matching the unboxed parameter tree, from the logical names and `rules`.
-
-    A mesh axis that does not divide a dimension is dropped for that dimension (so odd shapes still
-    load); `check_replication` reports when that leaves too much of the model replicated.
-    """
-    boxed = abstract_params(config, model)
-    specs = nn.get_partition_spec(boxed)
-    shapes = nn.unbox(boxed)
-    mesh_specs = jax.tree.map(
-        lambda s: nn.logical_to_mesh_axes(tuple(s), rules), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )
-    return jax.tree.map(
-        lambda x, s: NamedSharding(mesh, _fit_spec(x.shape, s, mesh)), shapes, mesh_specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-
-
-def sharded_init(model: Optional[nn.Module], config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules, rng) -> Any:
-    """Random parameters created directly in their shards (no host copy of the full model)."""
-    model = model or Chameleon(config)
-    shardings = param_shardings(model, config, mesh, rules)
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
-
-    def init(key):
-        with nn.logical_axis_rules(()):  # init traces the forward on a (1, 1) batch: no activation constraints
-            return nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-
-    return jax.jit(init, out_shardings=shardings)(rng)
-
-
-def _describe(tree: Any, is_leaf=None) -> dict[str, tuple]:
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-    return {"/".join(str(getattr(p, "key", p)) for p in path): tuple(x.shape) for path, x in flat}
-
-
-def load_params_sharded(ckpt_dir: str | os.PathLike, config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
-    """Restores `ckpt_dir/params` (canonical scanned layout) straight into sharded arrays.
-
-    Arrays are cast to `config.param_dtype`. For an unscanned model (`scan_layers=False`) the scanned tree
-    is restored sharded and then split into layers_0, layers_1, ... on device. Raises CheckpointError
-    naming every missing, unexpected or mis-shaped parameter.
-    """
-    scanned = config.replace(scan_layers=True)
-    shardings = param_shardings(None, scanned, mesh, rules)
-    abstract = nn.unbox(abstract_params(scanned))
-    path = Path(ckpt_dir).absolute() / checkpoint.PARAMS_SUBDIR
-    if not path.exists():
-        raise checkpoint.CheckpointError(f"{path}: no Orbax parameter tree (is {ckpt_dir} a lumina-jax checkpoint?)")
-    with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(path).item_metadata.tree
-    have = _describe(stored, is_leaf=lambda x: hasattr(x, "shape"))
-    want = _describe(abstract)
-    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(have))]
-    problems += [f"unexpected {k} {have[k]}" for k in sorted(set(have) - set(want))]
-    problems += [f"{k}: stored {have[k]}, model wants {want[k]}" for k in sorted(set(have) & set(want)) if have[k] != want[k]]
-    if problems:
-        raise checkpoint.CheckpointError(f"{ckpt_dir}: parameters do not match the model config: " + "; ".join(problems))
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.param_dtype), sharding=s), abstract, shardings
-    )
-    params = checkpoint.restore_params(ckpt_dir, target)
-    if config.scan_layers:
-        return params
-    out_shardings = param_shardings(None, config, mesh, rules)
-    return jax.jit(unstack_layers, out_shardings=out_shardings)(params)
 
 
 # ---------------------------------------------------------------------------------------------------------

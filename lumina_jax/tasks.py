@@ -1,4 +1,6 @@
-"""Named prompt presets: text-to-image, image understanding, free chat and the Omni-SFT tasks (spec §7.5-7.6).
+"""Named prompt presets: text-to-image, image understanding, free chat and the Omni-SFT tasks.
+
+Prompts and defaults are the reference's (docs/reference.md, 'Prompts' and 'Sampling defaults').
 
 A preset turns the user's text (and input images) into the human message the model was trained on, and
 carries the reference's sampling defaults for that task. For tasks whose answer is an image the prompt ends

@@ -118,6 +118,11 @@ class TextTokenizer:
         return self._impl.DecodeIds(ids)
 
 
+def image_token_name(code: int) -> str:
+    """Vocabulary name of image code `code`: digits written as letters A..J, framed by IMGIMG ... Z."""
+    return IMAGE_NAME_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
 def parse_image_token_name(name: str) -> int:
     """Image code of a vocabulary name `IMGIMG<letters A..J>Z` (letters are digits 0..9; the last char is dropped)."""
     body = name[len(IMAGE_NAME_PREFIX):-1]
@@ -128,7 +133,7 @@ def parse_image_token_name(name: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """Special token ids and the image-code tables, looked up once by name (spec §3).
+    """Special token ids and the image-code tables, looked up once by name (docs/reference.md#special-ids).
 
     `img2bpe[code]` is the token id of image code `code`; `bpe2img[id]` is the code of token `id` or -1.
     `image_ids_are_offset` says whether the table is the expected `id = code + image_token_start` layout.

@@ -3,8 +3,8 @@
     python -m lumina_jax.tokenizer_train --input corpus.txt --out-prefix DIR/tok --text-vocab-size 4000
 
 The model's ids 0..3 are `<s>`, `<pad>`, `</s>`, `<unk>`; then the image codes `IMGIMG...Z` (code c at c+4),
-`<eoss>`, `<racm3:break>` and `<reservedNNNNN>` at NNNNN+4, exactly as in Chameleon's vocabulary (spec §3), so
-`SpecialIds` finds the same ids; the learned text pieces follow. Byte fallback is on, so any text encodes.
+`<eoss>`, `<racm3:break>` and `<reservedNNNNN>` at NNNNN+4, exactly as in Chameleon's vocabulary
+(docs/reference.md#special-ids), so `SpecialIds` finds the same ids; the learned text pieces follow. Byte fallback is on, so any text encodes.
 Pieces are encoded without a dummy prefix space, so a conversation encoded turn by turn equals the whole.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ import argparse
 import os
 import sys
 
+from lumina_jax.tokenizer import image_token_name
+
 
 def special_symbols(num_image_codes: int, reserved_end: int) -> list[str]:
     """User-defined symbols in id order from id 4: image codes, `<eoss>`, `<racm3:break>`, reserved names."""
-    from lumina_jax.testing.tokenizer import image_token_name
-
     syms = [image_token_name(c) for c in range(num_image_codes)] + ["<eoss>", "<racm3:break>"]
     # Reserved names keep their meaning (`<reserved08706>` = end of turn, 088xx = sizes); with 8192 codes
     # they also land at their Chameleon ids (NNNNN + 4).

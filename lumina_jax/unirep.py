@@ -1,4 +1,6 @@
-"""UniRep: Lumina-mGPT's token layout of an image (spec §4), the crop-size lists and the resize-and-crop.
+"""UniRep: Lumina-mGPT's token layout of an image, the crop-size lists and the resize-and-crop.
+
+All three follow the reference (docs/reference.md, 'UniRep layout', 'Crop list' and 'Resize and crop').
 
 Layout of a W x H image (multiples of 32), codes of shape (H/16, W/16):
     [image_start, size_base + H/32, size_base + W/32, row_0..., new_line, ..., row_{H/16-1}..., new_line, image_end]
@@ -100,7 +102,7 @@ def unirep_length(width: int, height: int) -> int:
 
 
 def codes_to_unirep(codes: np.ndarray, special: SpecialIds) -> np.ndarray:
-    """(H/16, W/16) VQGAN codes -> the UniRep token ids (int32) of spec §4.1."""
+    """(H/16, W/16) VQGAN codes -> the UniRep token ids (int32) of the layout above."""
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[0] % 2 or codes.shape[1] % 2 or codes.size == 0:
         raise UniRepError(f"codes must be a non-empty (h, w) grid with even sides, got shape {codes.shape}")

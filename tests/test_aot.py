@@ -10,12 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from lumina_jax import sharding
+from lumina_jax import sharding, state
 from lumina_jax.aot import __main__ as cli
 from lumina_jax.aot.analysis import analyse_jaxpr
+from lumina_jax.aot.programs import lower_train
 from lumina_jax.aot.report import parse_oom
 from lumina_jax.aot.topology import CHIPS, GiB, build_mesh, parse_topology, topology_devices
 from lumina_jax.config import get_config
+from lumina_jax.training import train_step
+from lumina_jax.training.config import load_config
 
 TINY = "configs/tiny_cpu.py"
 
@@ -54,6 +57,20 @@ def test_multislice_mesh_puts_data_across_slices():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     assert (slices[0] == 0).all() and (slices[1] == 1).all()  # each data index is one slice; fsdp stays inside
+
+
+def test_aot_and_train_py_build_the_same_multislice_mesh():
+    """The mesh compiled for v5e:2x2 x 2 slices is the one train.py builds from the same config on 8 devices:
+    same axes and sizes, and each data index within one slice."""
+    cfg = load_config(TINY, ["parallel.mesh=fsdp=-1", "parallel.num_slices=2"])
+    train_mesh = train_step.make_mesh(cfg, jax.devices())
+    topo = parse_topology("v5e:2x2", num_slices=cfg.parallel.num_slices)
+    aot_mesh = build_mesh(topo, topology_devices(topo), cfg.parallel.mesh)
+    assert train_mesh.axis_names == aot_mesh.axis_names == sharding.MESH_AXES
+    assert dict(train_mesh.shape) == dict(aot_mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    tpu_slice = np.vectorize(lambda d: d.slice_index)(aot_mesh.devices)
+    cpu_slice = np.vectorize(lambda d: jax.devices().index(d) // 4)(train_mesh.devices)  # CPU: halves are slices
+    np.testing.assert_array_equal(tpu_slice, cpu_slice)
 
 
 def test_train_step_compiles_on_two_slices(train_report):
@@ -100,7 +117,7 @@ def test_compiled_parameters_sharded_as_the_rules_say(train_report):
     state_in, _batch_in = r.compiled.input_shardings[0]
     cfg = get_config("tiny")
     mesh = r.compiled.input_shardings[0][0]["params"]["lm_head"]["kernel"].mesh
-    want = sharding.param_shardings(None, cfg, mesh, sharding.FSDP_RULES)
+    want = state.param_shardings(cfg, mesh, sharding.FSDP_RULES)
     got = state_in["params"]
     flat_w = jax.tree_util.tree_flatten_with_path(want)[0]
     flat_g = jax.tree.leaves(got)
@@ -126,7 +143,7 @@ def test_generate_loop_compiles_with_memory_report():
     assert r.fits and r.mode == "generate"
     assert r.workload["rows (with guidance)"] == 4 and r.mesh["tensor"] == 4
     # bf16 weights split over 4 chips by heads / MLP / vocabulary
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.abstract_params(get_config("tiny"))))
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(state.param_shapes(get_config("tiny"))))
     assert n * 2 / 4 <= r.inputs["parameters"] < n * 2 / 4 * 1.1
     assert r.decode["kv_cache_bytes"] > 0 and r.temp_bytes >= r.decode["kv_cache_bytes"]
     assert "decode" in cli_format(r) and r.step_seconds() > 0
@@ -161,11 +178,9 @@ def test_parse_oom_messages():
 
 
 def test_jaxpr_flops_match_the_model_formula_and_count_remat():
-    """Matrix-product FLOPs counted on the traced step (scan lengths applied) equal 6N + 12 L H Dh T per
-    token without remat, and add about one forward pass (a third) with full remat."""
-    from lumina_jax.aot.programs import lower_train
-    from lumina_jax.training.config import load_config
-
+    """Matrix-product FLOPs counted on the traced step (scan lengths applied) equal 6P + 12 L N H T per
+    token (P parameters, N heads, H head dim) without remat, and add about one forward pass (a third) with full
+    remat."""
     topo = parse_topology("v5e:2x2")
     mesh = build_mesh(topo, topology_devices(topo), "fsdp=-1")
     dense = "model.attention_impl=dense"

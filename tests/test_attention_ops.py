@@ -13,10 +13,10 @@ import pytest
 from lumina_jax import sharding
 from lumina_jax.config import get_config
 from lumina_jax.models import attention_ops as ops
-from lumina_jax.models.chameleon import init_params
 from lumina_jax.sampling import processors as P
 from lumina_jax.sampling.decode import ChameleonDecodeModel
 from lumina_jax.sampling.generate import generate_tokens, size_table_from_crops
+from lumina_jax.state import init_params, init_train_state, train_state_shardings
 from lumina_jax.training import train_step as ts
 from lumina_jax.training.config import LossConfig, OptimizerConfig
 from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -191,11 +191,11 @@ def _train_step_results(impl):
     ocfg = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0, eps=1e-3)
     ctx = ts.StepContext(cfg, LossConfig(chunk_size=8), make_optimizer(ocfg, 10), learning_rate_schedule(ocfg, 10),
                          2, make_mesh("fsdp=2"), sharding.FSDP_RULES)
-    psh = sharding.param_shardings(None, cfg, ctx.mesh, sharding.FSDP_RULES)
-    shardings = ts.state_shardings(ctx, ts.abstract_state(ctx), psh)
-    state = ts.init_state(ctx, shardings, seed=0)
+    shardings = train_state_shardings(cfg, ctx.tx, ctx.mesh, sharding.FSDP_RULES)
+    state = init_train_state(cfg, ctx.tx, ctx.mesh, sharding.FSDP_RULES, seed=0)
     batch = ts.global_batch(ctx, synthetic_global_batch(0, 0, 4, 40, cfg.vocab_size))  # 40 tokens: 3 blocks of 16
-    grads, _ = ts.jit_grad_fn(ctx, psh)(state["params"], batch, jnp.int32(0), state["rng"])
+    with sharding.sharding_context(ctx.mesh, ctx.rules):
+        grads, _ = jax.jit(ts.make_grad_fn(ctx))(state["params"], batch, jnp.int32(0), state["rng"])
     state, metrics = ts.jit_train_step(ctx, shardings)(state, batch)
     return jax.device_get((grads, metrics, state["params"]))
 

@@ -1,4 +1,4 @@
-"""Conversation template and label masks (spec §5.1), placeholders, multi-turn, text-only, inference prompts."""
+"""Conversation template and label masks (docs/reference.md#conversation-format-and-labels), placeholders, multi-turn, text-only, inference prompts."""
 import numpy as np
 import pytest
 

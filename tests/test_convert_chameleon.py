@@ -13,11 +13,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file, save_file
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.convert import chameleon as conv
 from lumina_jax.convert import hf_config as hfc
@@ -88,24 +89,24 @@ def assert_bit_identical(a: dict, b: dict):
 def test_layout_matches_model_and_transforms(tmp_path, hf_model):
     src = save(hf_model, tmp_path / "hf")
     assert run_cli("chameleon", src, tmp_path / "ck") == 0
-    cfg = ChameleonConfig.from_dict(checkpoint.read_json(tmp_path / "ck", "config.json"))
-    params = checkpoint.restore_params(tmp_path / "ck")
-    flat = conv.flatten(params)
+    cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(tmp_path / "ck", "config.json"))
+    params = param_checkpoint.restore_params(tmp_path / "ck")
+    flat = flatten_dict(params, sep="/")
     assert {k: v.shape for k, v in flat.items()} == conv.model_leaf_shapes(cfg)  # the decoder's eval_shape
     sd = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-    H, K, Dh, D = 4, 2, 16, 64
-    q = sd["model.layers.1.self_attn.q_proj.weight"]  # (H*Dh, D): row h*Dh+j is head h, dim j
-    np.testing.assert_array_equal(flat["layers/self_attn/q_proj/kernel"][1][:, 2, 5], q[2 * Dh + 5])
+    N, K, H, D = 4, 2, 16, 64  # query heads, kv heads, head dim, model dim
+    q = sd["model.layers.1.self_attn.q_proj.weight"]  # (N*H, D): row n*H+j is head n, dim j
+    np.testing.assert_array_equal(flat["layers/self_attn/q_proj/kernel"][1][:, 2, 5], q[2 * H + 5])
     k = sd["model.layers.0.self_attn.k_proj.weight"]
-    np.testing.assert_array_equal(flat["layers/self_attn/k_proj/kernel"][0][:, 1, 3], k[Dh + 3])
-    o = sd["model.layers.0.self_attn.o_proj.weight"]  # (D, H*Dh)
-    np.testing.assert_array_equal(flat["layers/self_attn/o_proj/kernel"][0][3, 7], o[:, 3 * Dh + 7])
+    np.testing.assert_array_equal(flat["layers/self_attn/k_proj/kernel"][0][:, 1, 3], k[H + 3])
+    o = sd["model.layers.0.self_attn.o_proj.weight"]  # (D, N*H)
+    np.testing.assert_array_equal(flat["layers/self_attn/o_proj/kernel"][0][3, 7], o[:, 3 * H + 7])
     np.testing.assert_array_equal(flat["layers/mlp/down_proj/kernel"][1], sd["model.layers.1.mlp.down_proj.weight"].T)
     np.testing.assert_array_equal(flat["lm_head/kernel"], sd["lm_head.weight"].T)
     np.testing.assert_array_equal(flat["embed_tokens/embedding"], sd["model.embed_tokens.weight"])
     np.testing.assert_array_equal(flat["layers/self_attn/k_norm/bias"][1], sd["model.layers.1.self_attn.k_norm.bias"])
-    assert flat["layers/self_attn/k_norm/scale"].shape == (2, K, Dh) and flat["layers/self_attn/q_proj/kernel"].shape == (2, D, H, Dh)
-    meta = checkpoint.read_json(tmp_path / "ck", "conversion.json")
+    assert flat["layers/self_attn/k_norm/scale"].shape == (2, K, H) and flat["layers/self_attn/q_proj/kernel"].shape == (2, D, N, H)
+    meta = param_checkpoint.read_json(tmp_path / "ck", "conversion.json")
     n_vq = sum(k.startswith("model.vqmodel.") for k in sd)
     assert n_vq > 0 and meta["skipped_key_prefixes"] == {"model.vqmodel.": n_vq}
     assert meta["tensors_converted"] == 3 + 13 * 2 and (meta["q_norm_rows"], meta["k_norm_rows"]) == (4, 2)
@@ -129,7 +130,7 @@ def test_round_trip_bit_identical_sharded(tmp_path, hf_model, dtype):
     src = save(hf_model, tmp_path / "hf", dtype, max_shard_size="200KB")
     assert (src / sio.INDEX_NAME).is_file()
     assert run_cli("chameleon", src, tmp_path / "ck") == 0
-    params = checkpoint.restore_params(tmp_path / "ck")
+    params = param_checkpoint.restore_params(tmp_path / "ck")
     expected = np.dtype(ml_dtypes.bfloat16 if dtype == torch.bfloat16 else np.float32)
     assert {v.dtype for v in jax.tree.leaves(params)} == {expected}
     assert run_cli("chameleon-export", tmp_path / "ck", tmp_path / "back", "--max-shard-size", "100KB") == 0
@@ -159,7 +160,7 @@ def test_round_trip_lumina_rows_and_heads_export(tmp_path, hf_model, rows):
         tensors[key] = tensors[key][:rows].clone()
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     assert run_cli("chameleon", src, tmp_path / "ck", "--dtype", "bfloat16") == 0
-    cfg = ChameleonConfig.from_dict(checkpoint.read_json(tmp_path / "ck", "config.json"))
+    cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(tmp_path / "ck", "config.json"))
     assert (cfg.q_norm_rows, cfg.k_norm_rows, cfg.param_dtype) == (rows, rows, "bfloat16")
     # bf16 storage of an fp32 source: exporting back as float32 is not the source; as bfloat16 it is exact.
     assert run_cli("chameleon-export", tmp_path / "ck", tmp_path / "back", "--dtype", "float32") == 0
@@ -396,6 +397,6 @@ def test_peak_memory_is_one_model_copy(tmp_path):
     # one copy (the stacked arrays) + one tensor being read (lm_head, 18% here) + small change; a second
     # copy (e.g. Orbax's defensive host copy, or keeping the source tensors) would be >= 2x.
     assert growth < 1.5 * model_bytes, (growth / model_bytes, model_bytes)
-    assert checkpoint.restore_params(tmp_path / "ck")["lm_head"]["kernel"].shape == (D, V)
+    assert param_checkpoint.restore_params(tmp_path / "ck")["lm_head"]["kernel"].shape == (D, V)
     shutil.rmtree(src)  # 0.7 GB of files; pytest keeps the temporary directories of recent runs
     shutil.rmtree(tmp_path / "ck")

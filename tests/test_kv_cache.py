@@ -8,6 +8,7 @@ import pytest
 
 from lumina_jax.config import get_config
 from lumina_jax.models import chameleon as C
+from lumina_jax.state import init_params
 
 TINY = get_config("tiny")
 TINY_GQA_SWIN_UNSCANNED = get_config("tiny-gqa-swin", scan_layers=False)
@@ -16,7 +17,7 @@ ATOL = 1e-4  # fp32; the cached and full paths sum the same terms in a different
 
 def random_params(cfg, seed):
     """Random parameters with std 0.1 kernels and non-trivial norm scales and biases."""
-    params = C.init_params(cfg, jax.random.key(seed))
+    params = init_params(cfg, jax.random.key(seed))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
     out = []

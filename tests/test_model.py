@@ -9,6 +9,7 @@ import torch
 
 from lumina_jax.config import get_config
 from lumina_jax.models import chameleon as C
+from lumina_jax.state import init_params
 
 TINY = get_config("tiny")  # MHA, pre-norm, q/k-norm with 1 row
 TINY_GQA_SWIN = get_config("tiny-gqa-swin")  # 4 query heads over 2 kv heads, swin-norm, 2 rows
@@ -17,7 +18,7 @@ TINY_GQA_SWIN = get_config("tiny-gqa-swin")  # 4 query heads over 2 kv heads, sw
 @functools.lru_cache(maxsize=None)
 def random_params(cfg, seed):
     """Random parameters with non-trivial norm scales and biases (init gives ones and zeros)."""
-    params = C.init_params(cfg, jax.random.key(seed))
+    params = init_params(cfg, jax.random.key(seed))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
     out = []
@@ -128,7 +129,7 @@ def test_scanned_equals_unscanned(cfg):
     restacked = C.stack_layers(unscanned)
     jax.tree.map(np.testing.assert_array_equal, restacked, params)
     # The unscanned model's own init produces the unscanned tree with the same shapes.
-    own = C.init_params(cfg.replace(scan_layers=False), jax.random.key(0))
+    own = init_params(cfg.replace(scan_layers=False), jax.random.key(0))
     assert jax.tree.map(np.shape, own) == jax.tree.map(np.shape, unscanned)
 
 
@@ -161,7 +162,7 @@ def test_remat_policies_same_loss_and_grads():
 
 def test_unknown_remat_policy_is_named():
     with pytest.raises(ValueError, match="remat_policy='bogus'"):
-        C.init_params(TINY.replace(remat_policy="bogus"), jax.random.key(0))
+        init_params(TINY.replace(remat_policy="bogus"), jax.random.key(0))
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_GQA_SWIN], ids=["mha-prenorm", "gqa-swin"])
@@ -203,7 +204,7 @@ def _with_norm_rows(params, cfg, q_rows, k_rows):
 
 @pytest.mark.parametrize("rows", [1, 2])
 def test_qk_norm_rows_expand_to_heads(rows):
-    """rows=r stores one row per group of H/r heads: the same as rows=H with each row repeated H/r times."""
+    """rows=r stores one row per group of N/r heads: the same as rows=N with each row repeated N/r times."""
     cfg = TINY.replace(num_kv_heads=2, q_norm_rows=rows, k_norm_rows=min(rows, 2))
     params = random_params(cfg, 9)
     assert params["layers"]["self_attn"]["q_norm"]["scale"].shape == (cfg.num_layers, rows, cfg.head_dim)

@@ -2,13 +2,14 @@
 gloo collectives), each reading only its share of a pre-tokenized set, against 1 process x 8 devices."""
 import json
 import shutil
+import signal
 import socket
 
 import numpy as np
 import pytest
 
 from lumina_jax.data.records import write_dataset
-from test_train_helpers import TINY, checkpoint_steps, popen_train, read_losses, run_train
+from test_train_helpers import TINY, checkpoint_steps, popen_train, read_losses, run_train, wait_for_step
 
 SEQ = 32
 TIMEOUT = 300
@@ -45,14 +46,18 @@ def _overrides(out, data_yaml):
             "parallel.mesh=fsdp=8", "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false"]
 
 
-def _run_two_processes(out, data_yaml, max_steps, logdir):
+def _start_two_processes(out, data_yaml, logdir, *extra):
     port = _free_port()
     procs = []
     for pid in range(2):
-        args = ["--config", TINY, *_overrides(out, data_yaml), "--max_steps", str(max_steps),
+        args = ["--config", TINY, *_overrides(out, data_yaml), *extra,
                 "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid),
                 "--cpu_collectives", "gloo"]
         procs.append(popen_train(args, devices=4, log_path=logdir / f"proc{pid}.log"))
+    return procs
+
+
+def _wait_all(procs, logdir):
     try:
         codes = [p.wait(timeout=TIMEOUT) for p in procs]
     finally:
@@ -60,8 +65,13 @@ def _run_two_processes(out, data_yaml, max_steps, logdir):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    logs = [(logdir / f"proc{i}.log").read_text()[-2000:] for i in range(2)]
-    assert codes == [0, 0], logs
+    logs = [(logdir / f"proc{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], [log[-2000:] for log in logs]
+    return logs
+
+
+def _run_two_processes(out, data_yaml, max_steps, logdir):
+    _wait_all(_start_two_processes(out, data_yaml, logdir, "--max_steps", str(max_steps)), logdir)
 
 
 @pytest.mark.slow
@@ -99,3 +109,22 @@ def test_two_processes_match_one_and_resume_on_either(tmp_path, data_yaml):
     got = read_losses(multi)
     np.testing.assert_allclose([got[5], got[6]], [want[5], want[6]], rtol=1e-5)
     assert checkpoint_steps(multi) == [4, 6]
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+def test_sigterm_to_one_process_saves_one_step_on_both_and_stops(tmp_path, data_yaml):
+    """A preemption notice reaching one host: both processes agree on one step (JAX's preemption sync
+    point), save it together and exit 0."""
+    out = tmp_path / "run"
+    procs = _start_two_processes(out, data_yaml, tmp_path, "total_steps=100000", "checkpoint.save_interval_steps=1000")
+    try:
+        wait_for_step(out, 3, procs[0], timeout=TIMEOUT)
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        logs = _wait_all(procs, tmp_path)
+    assert all("stopped by signal" in log for log in logs), [log[-2000:] for log in logs]
+    last = max(read_losses(out))
+    assert last >= 3 and checkpoint_steps(out) == [last]
+    data_dir = out / "checkpoints" / str(last) / "data"
+    assert sorted(p.name for p in data_dir.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]

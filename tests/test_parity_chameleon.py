@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.convert.__main__ import main as convert_main
 from lumina_jax.models.chameleon import Chameleon, unstack_layers
@@ -86,8 +86,8 @@ def convert(tmp_path, model, *, lumina_rows=None, rope_theta=10000.0, name="ckpt
         to_lumina_layout(src, lumina_rows, rope_theta)
     out = tmp_path / name
     assert convert_main(["chameleon", str(src), str(out), "--compute-dtype", "float32", "--no-progress"]) == 0
-    cfg = ChameleonConfig.from_dict(checkpoint.read_json(out, "config.json"))
-    return cfg, checkpoint.restore_params(out)
+    cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(out, "config.json"))
+    return cfg, param_checkpoint.restore_params(out)
 
 
 def hf_forward(model, tokens):

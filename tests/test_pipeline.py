@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lumina_jax.data.data_config import DataConfig, load_data_config
+from lumina_jax.data.data_config import DataMix, load_data_config
 from lumina_jax.data.pipeline import EpochSchedule, make_train_iterator
 from lumina_jax.data.records import PretokenizedDataset, write_dataset
 
@@ -172,7 +172,7 @@ def test_overlong_item_is_an_error(data):
 
 def test_data_config_parsing(data, tmp_path):
     cfg = load_data_config(data["yaml"])
-    assert isinstance(cfg, DataConfig) and [s.ratio for s in cfg.sources] == [1.0, 0.5]
+    assert isinstance(cfg, DataMix) and [s.ratio for s in cfg.sources] == [1.0, 0.5]
     assert cfg.sources[0].path == str(data["dir"] / "a")  # relative to the YAML file
     bad = tmp_path / "bad.yaml"
     for text, msg in [("foo: 1\n", "top-level key 'META'"), ("META:\n  - ratio: 1\n", r"META\[0\] has no 'path'"),
@@ -180,7 +180,7 @@ def test_data_config_parsing(data, tmp_path):
                       ("META:\n  - path: x\n    weight: 2\n", r"unknown keys \['weight'\]")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=msg):
-            DataConfig.from_yaml(str(bad))
+            DataMix.from_yaml(str(bad))
     with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
         make_train_iterator({"META": [{"path": str(tmp_path)}]}, seq_len=8, batch_size=1, seed=0)
 

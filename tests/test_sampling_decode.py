@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lumina_jax.config import get_config
-from lumina_jax.models.chameleon import Chameleon, init_params
+from lumina_jax.models.chameleon import Chameleon
+from lumina_jax.state import init_params
 from lumina_jax.sampling import processors as P
 from lumina_jax.sampling.decode import ChameleonDecodeModel
 from lumina_jax.sampling.generate import generate_tokens, size_table_from_crops, split_generation

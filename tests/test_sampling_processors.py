@@ -1,5 +1,5 @@
 """The per-row state machine and logits processors against a per-step Python re-implementation of the
-reference processors (spec §7.2-7.4), on fake logits, with rows at different stages in one batch."""
+reference processors (docs/reference.md: guidance, structure rules, interleaved top-k), on fake logits, with rows at different stages in one batch."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +137,7 @@ def _state_at(seq):
 
 
 def test_forced_new_line_and_end_of_image():
-    # h=1, w=2: latent 2 rows x 4 ids; new lines after 4 ids, end after 2 rows (spec §7.3 example)
+    # h=1, w=2: latent 2 rows x 4 ids; new lines after 4 ids, end after 2 rows (docs/reference.md#structure-rules)
     seq = [300, IDS.image_start, IDS.size_base + 1, IDS.size_base + 2]
     forced = []
     for t in range(11):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from lumina_jax.demo import shapes
-from lumina_jax.eval import shape_analysis as sa
+from lumina_jax.demo import shape_analysis as sa
 
 
 def renders(target_size, n, seed, split="all"):

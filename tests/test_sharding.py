@@ -1,11 +1,12 @@
-"""Meshes and sharding on 8 fake CPU devices: same logits on every mesh, real sharding, sharded loading."""
+"""Meshes and sharding on 8 fake CPU devices: same logits on every mesh, real sharding, the replication check."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from lumina_jax import checkpoint
 from lumina_jax import sharding as S
+from lumina_jax import state
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models import chameleon as C
 
@@ -39,9 +40,29 @@ def test_parse_mesh_spec():
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
+def test_multislice_mesh_spans_slices_with_the_data_axis():
+    devices = jax.devices()
+    mesh = S.make_mesh("fsdp=2,tensor=2", devices, num_slices=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    # without a slice_index (CPU) the slices are consecutive halves of the devices: data index i is slice i
+    assert {d.id for d in mesh.devices[0].flat} == {d.id for d in devices[:4]}
+    assert {d.id for d in mesh.devices[1].flat} == {d.id for d in devices[4:]}
+    assert dict(S.make_mesh("data=2,fsdp=-1", devices, num_slices=2).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match="num_slices=3 does not divide the 8 devices"):
+        S.make_mesh("fsdp=-1", devices, num_slices=3)
+    with pytest.raises(ValueError, match="uses 8 devices but 4 are available"):
+        S.make_mesh("fsdp=8", devices, num_slices=2)  # the spec describes one slice
+
+
+def test_rule_set_names_the_setting_and_the_known_sets():
+    assert S.rule_set("tensor") is S.TENSOR_PARALLEL_RULES
+    with pytest.raises(ValueError, match=r"parallel.rules='tp' is unknown; known: \['fsdp', 'tensor'\]"):
+        S.rule_set("tp", "parallel.rules")
+
+
 @pytest.fixture(scope="module")
 def reference():
-    params = C.init_params(CFG, jax.random.key(0))
+    params = state.init_params(CFG, jax.random.key(0))
     # q/k LayerNorm makes attention scores O(1) whatever the kernel scale, so init scale suffices here.
     tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, CFG.vocab_size, dtype=jnp.int32)
     one = jax.devices()[:1]
@@ -56,7 +77,7 @@ def test_same_logits_on_every_mesh(spec, rules_name, reference):
     params, tokens, ref = reference
     mesh = S.make_mesh(spec)
     rules = S.RULE_SETS[rules_name]
-    shardings = S.param_shardings(None, CFG, mesh, rules)
+    shardings = state.param_shardings(CFG, mesh, rules)
     sharded = jax.device_put(params, shardings)
     batch = S.batch_sharding(mesh, rules)
     model = C.Chameleon(CFG)
@@ -69,11 +90,11 @@ def test_same_logits_on_every_mesh(spec, rules_name, reference):
     assert logits.sharding.shard_shape(logits.shape) == (
         8 // (sizes["data"] * sizes["fsdp"]), 12, CFG.vocab_size // sizes["tensor"]
     )
-    big = {k: v for k, v in S._describe(sharded).items() if np.prod(v) >= BIG}
-    flat = dict(zip(S._describe(sharded), jax.tree.leaves(sharded)))
+    flat = traverse_util.flatten_dict(sharded, sep="/")
     if sizes["fsdp"] * sizes["tensor"] > 1:
-        for name in big:
-            arr = flat[name]
+        for name, arr in flat.items():
+            if arr.size < BIG:
+                continue
             assert not arr.sharding.is_fully_replicated, name
             assert np.prod(arr.sharding.shard_shape(arr.shape)) < arr.size, name
         assert S.check_replication(sharded) <= 0.05
@@ -84,8 +105,8 @@ def test_same_logits_on_every_mesh(spec, rules_name, reference):
 
 def test_fsdp_and_tensor_rule_placements():
     mesh = S.make_mesh("data=2,fsdp=2,tensor=2")
-    fsdp = S.param_shardings(None, CFG, mesh, S.FSDP_RULES)
-    tp = S.param_shardings(None, CFG, mesh, S.TENSOR_PARALLEL_RULES)
+    fsdp = state.param_shardings(CFG, mesh, S.FSDP_RULES)
+    tp = state.param_shardings(CFG, mesh, S.TENSOR_PARALLEL_RULES)
     P = jax.sharding.PartitionSpec
     q = lambda t: t["layers"]["self_attn"]["q_proj"]["kernel"].spec
     assert q(fsdp) == P(None, "fsdp", "tensor", None)
@@ -94,54 +115,14 @@ def test_fsdp_and_tensor_rule_placements():
     assert tp["layers"]["mlp"]["down_proj"]["kernel"].spec == P(None, ("tensor", "fsdp"), None)
     # A mesh axis that does not divide a dimension is dropped for it (kv heads 8 over tensor=16 would not fit).
     odd = CFG.replace(num_kv_heads=2, k_norm_rows=1)
-    k = S.param_shardings(None, odd, S.make_mesh("tensor=4,fsdp=2"), S.FSDP_RULES)
+    k = state.param_shardings(odd, S.make_mesh("tensor=4,fsdp=2"), S.FSDP_RULES)
     assert k["layers"]["self_attn"]["k_proj"]["kernel"].spec == P(None, "fsdp", None, None)
-
-
-def test_sharded_init_places_params():
-    mesh = S.make_mesh("fsdp=4,tensor=2")
-    params = S.sharded_init(None, CFG, mesh, S.FSDP_RULES, 0)
-    expect = S.param_shardings(None, CFG, mesh, S.FSDP_RULES)
-    jax.tree.map(lambda a, s: (a.sharding == s) or pytest.fail(f"{a.sharding} != {s}"), params, expect)
-    ref = C.init_params(CFG, jax.random.key(0))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), params, ref)
-
-
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unscanned"])
-def test_load_params_sharded(tmp_path, reference, scan_layers):
-    params, _, _ = reference
-    with checkpoint.atomic_directory(tmp_path / "ckpt") as d:
-        checkpoint.save_params(d, jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params))
-    mesh = S.make_mesh("data=2,fsdp=2,tensor=2")
-    cfg = CFG.replace(scan_layers=scan_layers)
-    loaded = S.load_params_sharded(tmp_path / "ckpt", cfg, mesh, S.FSDP_RULES)
-    expect_sh = S.param_shardings(None, cfg, mesh, S.FSDP_RULES)
-    expect = params if scan_layers else C.unstack_layers(params)
-    assert jax.tree.structure(loaded) == jax.tree.structure(expect)
-    for a, b, s in zip(jax.tree.leaves(loaded), jax.tree.leaves(expect), jax.tree.leaves(expect_sh)):
-        assert a.dtype == jnp.float32 and a.sharding == s
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16).astype(np.float32))
-    S.check_replication(loaded)
-
-
-def test_load_params_sharded_names_mismatches(tmp_path, reference):
-    params, _, _ = reference
-    bad = jax.tree.map(np.asarray, params)
-    del bad["norm"]
-    bad["extra"] = {"w": np.zeros(3, np.float32)}
-    bad["lm_head"]["kernel"] = bad["lm_head"]["kernel"][:, :100]
-    with checkpoint.atomic_directory(tmp_path / "bad") as d:
-        checkpoint.save_params(d, bad)
-    with pytest.raises(checkpoint.CheckpointError) as err:
-        S.load_params_sharded(tmp_path / "bad", CFG, S.make_mesh("fsdp=8"), S.FSDP_RULES)
-    msg = str(err.value)
-    assert "missing norm/scale" in msg and "unexpected extra/w" in msg and "lm_head/kernel: stored (128, 100)" in msg
 
 
 def test_replication_check_catches_replicated_big_param(reference):
     params, _, _ = reference
     mesh = S.make_mesh("fsdp=8")
-    shardings = S.param_shardings(None, CFG, mesh, S.FSDP_RULES)
+    shardings = state.param_shardings(CFG, mesh, S.FSDP_RULES)
     assert S.check_replication(jax.device_put(params, shardings)) < 0.01  # only norms are replicated
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings["lm_head"]["kernel"] = replicated
@@ -158,7 +139,7 @@ def test_cache_sharding_and_decode_on_mesh(reference):
     params, tokens, ref = reference
     mesh = S.make_mesh("data=2,fsdp=2,tensor=2")
     rules = S.FSDP_RULES
-    shardings = S.param_shardings(None, CFG, mesh, rules)
+    shardings = state.param_shardings(CFG, mesh, rules)
     cache_sh = S.cache_shardings(mesh, rules)
     model = C.Chameleon(CFG)
     with S.sharding_context(mesh, rules):
@@ -199,7 +180,7 @@ def test_bf16_compute_on_mesh_close_to_fp32(reference):
     cfg = CFG.replace(dtype="bfloat16")
     mesh = S.make_mesh("data=2,fsdp=2,tensor=2")
     rules = S.FSDP_RULES
-    shardings = S.param_shardings(None, cfg, mesh, rules)
+    shardings = state.param_shardings(cfg, mesh, rules)
     model = C.Chameleon(cfg)
     with S.sharding_context(mesh, rules):
         fwd = jax.jit(lambda p, t: model.apply({"params": p}, t),

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from lumina_jax import tokenizer_train
-from lumina_jax.testing.tokenizer import chameleon_like_tokenizer_json, image_token_name, write_hf_tokenizer_dir, \
+from lumina_jax.testing.tokenizer import chameleon_like_tokenizer_json, write_hf_tokenizer_dir, \
     write_text_tokenizer_json
-from lumina_jax.tokenizer import SpecialIds, TextTokenizer, build_image_tables, load_tokenizer, \
+from lumina_jax.tokenizer import SpecialIds, TextTokenizer, build_image_tables, image_token_name, load_tokenizer, \
     parse_image_token_name
 
 TEXTS = [

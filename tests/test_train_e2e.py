@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lumina_jax import checkpoint as ckpt_io
+from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.data.records import write_dataset
 from lumina_jax.models.chameleon import Chameleon
@@ -76,11 +76,11 @@ def test_loss_falls_and_metrics_are_written(trained):
 def test_exports_match_the_final_checkpoint_and_load_in_transformers(trained, tmp_path):
     # the exported inference checkpoint holds the final training weights
     assert export.export_from_run(str(trained / "run"), str(tmp_path / "again"), dtype="float32") == 200
-    exported = ckpt_io.restore_params(trained / "exported")
-    again = ckpt_io.restore_params(tmp_path / "again")
+    exported = param_checkpoint.restore_params(trained / "exported")
+    again = param_checkpoint.restore_params(tmp_path / "again")
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    cfg = ChameleonConfig.from_dict(ckpt_io.read_json(trained / "exported", "config.json"))
+    cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(trained / "exported", "config.json"))
     assert cfg.scan_layers and cfg.dropout == 0.0 and cfg.param_dtype == "float32"
 
     # transformers reads the safetensors export and computes the same logits (text columns; HF masks images)
@@ -100,7 +100,7 @@ def test_init_from_converted_checkpoint_zeroes_image_columns(trained, tmp_path):
     run = trainer.setup(cfg)
     run.checkpointer.close()
     assert run.start_step == 0 and run.ctx.model_config.dropout == 0.05
-    source = ckpt_io.restore_params(trained / "exported")
+    source = param_checkpoint.restore_params(trained / "exported")
     params = jax.device_get(run.state["params"])
     lo, hi = cfg.model.image_token_start, cfg.model.image_token_end
     kernel = params["lm_head"]["kernel"]

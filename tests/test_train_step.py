@@ -9,6 +9,7 @@ import pytest
 from lumina_jax import sharding
 from lumina_jax.config import get_config
 from lumina_jax.models.chameleon import Chameleon
+from lumina_jax.state import init_params, init_train_state, train_state_shardings
 from lumina_jax.training import train_step as ts
 from lumina_jax.training.config import LossConfig, OptimizerConfig
 from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -29,8 +30,8 @@ def _ctx(mesh_spec, *, accum=1, dropout=0.0, chunk=8, fused=True, eps=1e-8):
 def _one_step(mesh_spec):
     """Two steps (dropout on, accumulation 2); returns host copies of params and both metrics."""
     ctx = _ctx(mesh_spec, accum=2, dropout=0.1, eps=1e-3)
-    sh = ts.state_shardings(ctx, ts.abstract_state(ctx), sharding.param_shardings(None, ctx.model_config, ctx.mesh, RULES))
-    state = ts.init_state(ctx, sh, seed=0)
+    sh = train_state_shardings(ctx.model_config, ctx.tx, ctx.mesh, RULES)
+    state = init_train_state(ctx.model_config, ctx.tx, ctx.mesh, RULES, seed=0)
     step = ts.jit_train_step(ctx, sh)
     batch = ts.global_batch(ctx, synthetic_global_batch(0, 0, 16, SEQ, ctx.model_config.vocab_size))
     state, m1 = step(state, batch)
@@ -57,11 +58,11 @@ def test_grad_accumulation_equals_whole_batch():
     results = {}
     for k in (1, 4):
         ctx = _ctx("fsdp=1", accum=k)
-        psh = sharding.param_shardings(None, ctx.model_config, ctx.mesh, RULES)
-        params = ts.init_state(ctx, ts.state_shardings(ctx, ts.abstract_state(ctx), psh), seed=3)["params"]
-        grad = ts.jit_grad_fn(ctx, psh)
-        results[k] = jax.device_get(grad(params, ts.global_batch(ctx, batch_np), jnp.int32(0),
-                                         jax.random.key_data(jax.random.key(0))))
+        params = init_params(ctx.model_config, 3, ctx.mesh, RULES)
+        with sharding.sharding_context(ctx.mesh, ctx.rules):
+            grads = jax.jit(ts.make_grad_fn(ctx))(params, ts.global_batch(ctx, batch_np), jnp.int32(0),
+                                                  jax.random.key_data(jax.random.key(0)))
+        results[k] = jax.device_get(grads)
     (g1, s1), (g4, s4) = results[1], results[4]
     for name in s1:
         np.testing.assert_allclose(s4[name], s1[name], rtol=1e-5, err_msg=name)

@@ -1,4 +1,4 @@
-"""UniRep golden layouts (spec §4), crop lists and resize-and-crop, VQGAN round trips and malformed sequences."""
+"""UniRep golden layouts (docs/reference.md#unirep-layout), crop lists and resize-and-crop, VQGAN round trips and malformed sequences."""
 import numpy as np
 import pytest
 from PIL import Image

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.convert import vqgan as convert_vqgan
 from lumina_jax.convert.__main__ import main as convert_main
 from lumina_jax.convert.errors import ConversionError
@@ -28,7 +28,7 @@ def _images(seed, shape):
 
 
 # ---------------------------------------------------------------------------------------------------
-# pre/post-processing (spec 2.5)
+# pre/post-processing (docs/reference.md#image-pre--and-post-processing)
 
 
 def test_preprocess_maps_pixels_to_minus_one_one():
@@ -78,7 +78,7 @@ def test_converted_checkpoint_matches_the_direct_test_helper(converted, tmp_path
     assert direct.config == tok.config
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, direct.params),
                  jax.tree.map(np.asarray, tok.params))
-    assert checkpoint.read_json(d / "conv", "conversion.json")["dropped_keys"] == 3  # the loss.* tensors
+    assert param_checkpoint.read_json(d / "conv", "conversion.json")["dropped_keys"] == 3  # the loss.* tensors
 
 
 def test_conversion_names_every_mismatch():
@@ -92,9 +92,9 @@ def test_conversion_names_every_mismatch():
         convert_vqgan.params_from_state_dict(sd, cfg, source="vqgan.ckpt: state_dict")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("vqgan.ckpt: state_dict")
-    assert "missing 1 keys: decoder.up.3.block.1.conv2.bias" in msg
-    assert "unexpected 1 keys: encoder.mid.extra.weight" in msg
-    assert "quant_conv.weight (32, 32, 3, 3) != expected (32, 32, 1, 1)" in msg
+    assert "missing keys [decoder.up.3.block.1.conv2.bias]" in msg
+    assert "unexpected keys [encoder.mid.extra.weight]" in msg
+    assert "wrong shapes [quant_conv.weight [32, 32, 3, 3] (expected [32, 32, 1, 1])]" in msg
     assert "loss." not in msg
 
 
@@ -104,7 +104,7 @@ def test_attention_levels_come_from_the_checkpoint_keys(tmp_path, capsys):
     yaml_path = write_vqgan_yaml(tmp_path / "noattn.yaml", cfg.replace(attn_resolutions=()))
     assert convert_main(["vqgan", "--ckpt", str(ckpt), "--config", str(yaml_path), "--out", str(tmp_path / "o")]) == 0
     assert "attention at resolutions [16]" in capsys.readouterr().out
-    assert VQGANConfig.from_dict(checkpoint.read_json(tmp_path / "o", "vqgan_config.json")).attn_resolutions == (16,)
+    assert VQGANConfig.from_dict(param_checkpoint.read_json(tmp_path / "o", "vqgan_config.json")).attn_resolutions == (16,)
 
 
 def test_config_errors_are_one_line(tmp_path, converted, capsys):
@@ -238,7 +238,7 @@ def test_torch_load_path_and_bare_state_dict_give_the_same_weights(converted, tm
     assert convert_main(["vqgan", "--ckpt", str(tmp_path / "bare.pt"), "--config", str(yaml_path),
                          "--out", str(tmp_path / "b")]) == 0
     for out in ("t", "b"):
-        restored = checkpoint.restore_params(tmp_path / out)
+        restored = param_checkpoint.restore_params(tmp_path / out)
         jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored),
                      jax.tree.map(np.asarray, tok.params))
     with pytest.raises(ConversionError, match="no 'weights' entry"):

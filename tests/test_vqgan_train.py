@@ -1,6 +1,7 @@
 """VQGAN training: straight-through quantizer, dead-code restarts, a short run lowers the loss with many codes
 alive, and the CLI writes a checkpoint the image tokenizer loads, bit-identical to another run of the same config."""
 import dataclasses
+import functools
 import json
 
 import jax
@@ -8,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lumina_jax.demo import vqgan as dv
 from lumina_jax.training import vqgan_train as vt
 
 # One tiny config shared by every test (the jitted step is cached per config, so it compiles once).
-TINY = vt.VQGANTrainConfig(ch=32, num_res_blocks=1, z_channels=32, embed_dim=8, n_embed=64, train_sizes="32x32",
-                           batch_pixels=8 * 32 * 32, steps=40, lr=1e-3, warmup_steps=5, restart_every=10,
-                           usage_decay=0.9, log_every=1, eval_target_sizes="32", eval_per_size=3, seed=0)
+TINY = dv.DemoVQGANConfig(ch=32, num_res_blocks=1, z_channels=32, embed_dim=8, n_embed=64, train_sizes="32x32",
+                          batch_pixels=8 * 32 * 32, steps=40, lr=1e-3, warmup_steps=5, restart_every=10,
+                          usage_decay=0.9, log_every=1, eval_target_sizes="32", eval_per_size=3, seed=0)
 
 
 def test_quantize_straight_through_and_losses():
@@ -83,7 +85,7 @@ def test_restart_dead_codes_replaces_only_dead_rows_with_encoder_outputs():
 
 @pytest.fixture(scope="module")
 def tiny_run():
-    return vt.train(TINY, progress=False)
+    return vt.train(TINY, functools.partial(dv.training_batch, TINY), progress=False)
 
 
 def test_short_run_lowers_loss_and_keeps_codes_alive(tiny_run):
@@ -96,7 +98,7 @@ def test_short_run_lowers_loss_and_keeps_codes_alive(tiny_run):
     assert all(np.isfinite(h["loss"]) for h in hist)
     assert np.mean([h["l1"] for h in hist[-10:]]) < np.mean([h["l1"] for h in hist[:10]])
     # reconstruction error on fixed unseen batches, at the initial and at the trained parameters
-    x = np.concatenate([vt.training_batch(TINY, 1000 + i) for i in range(4)])
+    x = np.concatenate([dv.training_batch(TINY, 1000 + i) for i in range(4)])
 
     def l1(p):
         tok = ImageTokenizer(TINY.vqgan_config(), p)
@@ -111,9 +113,9 @@ def test_short_run_lowers_loss_and_keeps_codes_alive(tiny_run):
 
 
 def test_training_batches_are_seeded_by_step():
-    assert np.array_equal(vt.training_batch(TINY, 7), vt.training_batch(TINY, 7))
-    assert not np.array_equal(vt.training_batch(TINY, 7), vt.training_batch(TINY, 8))
-    assert not np.array_equal(vt.training_batch(TINY, 7), vt.training_batch(dataclasses.replace(TINY, seed=1), 7))
+    assert np.array_equal(dv.training_batch(TINY, 7), dv.training_batch(TINY, 7))
+    assert not np.array_equal(dv.training_batch(TINY, 7), dv.training_batch(TINY, 8))
+    assert not np.array_equal(dv.training_batch(TINY, 7), dv.training_batch(dataclasses.replace(TINY, seed=1), 7))
 
 
 def test_training_images_exclude_held_out_combinations(monkeypatch):
@@ -124,7 +126,7 @@ def test_training_images_exclude_held_out_combinations(monkeypatch):
     monkeypatch.setattr(shapes, "sample_spec", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     cfg = dataclasses.replace(TINY, train_sizes="64x64,32x32", batch_pixels=64 * 64 * 2)
     for step in range(40):
-        x = vt.training_batch(cfg, step)
+        x = dv.training_batch(cfg, step)
         assert x.shape == ((2, 64, 64, 3) if step % 2 == 0 else (8, 32, 32, 3))
         assert x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
     assert len(seen) == 200 and not any(s.held_out for s in seen)
@@ -135,9 +137,9 @@ def test_cli_writes_a_checkpoint_the_image_tokenizer_loads(tmp_path, tiny_run, c
 
     out = tmp_path / "vq"
     flags = []
-    for f in dataclasses.fields(vt.VQGANTrainConfig):
+    for f in dataclasses.fields(dv.DemoVQGANConfig):
         flags += ["--" + f.name.replace("_", "-"), str(getattr(TINY, f.name))]
-    assert vt.main(["--out", str(out), "--quiet", *flags]) == 0  # same config: reuses the compiled step
+    assert dv.main(["--out", str(out), "--quiet", *flags]) == 0  # same config: reuses the compiled step
     printed = capsys.readouterr().out
     assert "held-out reconstructions (3 images)" in printed and str(out) in printed
     tok = ImageTokenizer.from_checkpoint(out)
@@ -151,20 +153,20 @@ def test_cli_writes_a_checkpoint_the_image_tokenizer_loads(tmp_path, tiny_run, c
     # a second run of the same config is bit-identical to the first (and the checkpoint holds its weights)
     assert [h["loss"] for h in report["history"]] == [h["loss"] for h in tiny_run[1]["history"]]
     assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(tok.params), tiny_run[0]))
-    assert vt.main(["--out", str(out), "--quiet", *flags]) == 2  # exists: refused
+    assert dv.main(["--out", str(out), "--quiet", *flags]) == 2  # exists: refused
     assert "already exists" in capsys.readouterr().err
 
 
 def test_cli_help_and_bad_values(capsys):
     with pytest.raises(SystemExit):
-        vt.main(["--help"])
+        dv.main(["--help"])
     text = capsys.readouterr().out
-    for f in dataclasses.fields(vt.VQGANTrainConfig):
+    for f in dataclasses.fields(dv.DemoVQGANConfig):
         assert "--" + f.name.replace("_", "-") in text
-    assert vt.main(["--out", "/nonexistent/x", "--ch", "36"]) == 2  # not a multiple of the 8 GroupNorm groups
+    assert dv.main(["--out", "/nonexistent/x", "--ch", "36"]) == 2  # not a multiple of the 8 GroupNorm groups
     err = capsys.readouterr().err.strip()
     assert "ch=36" in err and "norm_groups=8" in err and "\n" not in err
-    assert vt.main(["--out", "/nonexistent/x", "--codebook-update", "kmeans"]) == 2
+    assert dv.main(["--out", "/nonexistent/x", "--codebook-update", "kmeans"]) == 2
     assert "codebook_update='kmeans'" in capsys.readouterr().err
-    assert vt.main(["--out", "/nonexistent/x", "--train-sizes", "64x40"]) == 2
+    assert dv.main(["--out", "/nonexistent/x", "--train-sizes", "64x40"]) == 2
     assert "64x40" in capsys.readouterr().err

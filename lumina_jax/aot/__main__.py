@@ -15,8 +15,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices come f
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+
+from lumina_jax.aot.programs import GenerateSpec, lower_generate, lower_train  # noqa: E402
+from lumina_jax.aot.report import compile_and_report, format_report  # noqa: E402
+from lumina_jax.aot.topology import build_mesh, parse_topology, topology_devices  # noqa: E402
+from lumina_jax.models.attention_ops import resolve_impl  # noqa: E402
+from lumina_jax.training.config import apply_override, load_config  # noqa: E402
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -34,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                "generate.param_dtype). Exit status: 0 fits, 3 does not fit, 2 bad arguments.")
     p.add_argument("--topology", required=True,
                    help="TPU slice as <generation>:<shape>, generation one of v4, v5e, v5p, v6e; e.g. v5e:2x2, v5p:4x4x4")
-    p.add_argument("--slices", type=int, default=1,
+    p.add_argument("--slices", type=int, default=None,
                    help="number of such slices joined over the data-centre network; the mesh's data axis spans "
-                        "them (default 1)")
+                        "them. Same as the override parallel.num_slices=N, which train.py reads (default: the "
+                        "config's parallel.num_slices)")
     p.add_argument("--config", required=True, help="experiment file configs/<name>.py defining get_config()")
     p.add_argument("--mode", choices=("train", "generate"), default="train",
                    help="train: the train step with optimizer, remat and accumulation of the config; generate: "
@@ -63,21 +71,15 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace):
     """Builds, compiles and reports; returns the Report (raises ValueError on bad input)."""
-    import dataclasses
-
-    from lumina_jax.aot.programs import GenerateSpec, lower_generate, lower_train
-    from lumina_jax.aot.report import compile_and_report
-    from lumina_jax.aot.topology import build_mesh, parse_topology, topology_devices
-    from lumina_jax.models.attention_ops import resolve_impl
-    from lumina_jax.training.config import apply_override, load_config
-
     if not 0 < args.mfu <= 1:
         raise ValueError(f"--mfu {args.mfu}: must be in (0, 1]")
-    topo = parse_topology(args.topology, args.slices)
     train_over, gen_over = split_overrides(args.overrides)
     if gen_over and args.mode != "generate":
         raise ValueError(f"generate.* overrides given with --mode {args.mode}: {gen_over}")
+    if args.slices is not None:
+        train_over.append(f"parallel.num_slices={args.slices}")
     cfg = load_config(args.config, train_over)
+    topo = parse_topology(args.topology, cfg.parallel.num_slices)
     if args.per_device_batch:
         total = args.per_device_batch * topo.num_chips
         if total != int(total):
@@ -100,8 +102,6 @@ def run(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    from lumina_jax.aot.report import format_report
-
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.interpreters import partial_eval as pe  # public re-export of JAX's dead-code elimination
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +66,7 @@ def _live_jaxpr(jaxpr):
     """`jaxpr` without the equations no output depends on (inside loops too), as XLA drops them.
 
     The fused loss, for one, takes a vjp only for its pullback and leaves the forward product unused.
-    Uses JAX's own dead-code elimination (an internal module); without it the count includes dead work.
     """
-    try:
-        from jax._src.interpreters import partial_eval as pe
-    except ImportError:  # pragma: no cover - a JAX without the internal module
-        return jaxpr
     live, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)
     return live
 

@@ -11,7 +11,6 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +19,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lumina_jax import sharding
 from lumina_jax.aot.analysis import JaxprStats, analyse_jaxpr
 from lumina_jax.config import ChameleonConfig
+from lumina_jax.flops import matmul_params, train_flops_per_token
 from lumina_jax.models.attention import CACHE_AXES
+from lumina_jax.state import abstract_params, abstract_train_state
+from lumina_jax.training import train_step as ts
+from lumina_jax.training.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,61 +69,32 @@ def device_bytes(tree: Any) -> int:
     return total
 
 
-def _matmul_params(cfg: ChameleonConfig) -> int:
-    """Parameters that take part in matrix products (everything but the embedding table and norms)."""
-    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    attn = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    return L * (attn + 3 * D * F) + D * cfg.vocab_size
-
-
-def _attach(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def _rules(name: str):
-    if name not in sharding.RULE_SETS:
-        raise ValueError(f"parallel.rules={name!r} is unknown; known: {sorted(sharding.RULE_SETS)}")
-    return sharding.RULE_SETS[name]
-
-
-def lower_train(cfg: Any, mesh: jax.sharding.Mesh) -> Program:
-    """Lowers the train step of `cfg` (a TrainConfig) on `mesh` with abstract sharded state and batch."""
-    from lumina_jax.training import train_step as ts
-    from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
-
+def lower_train(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Program:
+    """Lowers the train step of `cfg` on `mesh` with abstract sharded state and batch."""
     model_cfg, p = cfg.model, cfg.parallel
-    rules = _rules(p.rules)
     B, T, k = cfg.data.global_batch_size, cfg.data.seq_len, p.grad_accum_steps
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if B % k or (B // k) % batch_shards:
-        raise ValueError(f"data.global_batch_size={B} / parallel.grad_accum_steps={k} does not divide over the "
-                         f"{batch_shards} batch shards (data x fsdp) of mesh {dict(mesh.shape)}")
-    tx = make_optimizer(cfg.optimizer, cfg.total_steps)
-    ctx = ts.StepContext(model_cfg, cfg.loss, tx, learning_rate_schedule(cfg.optimizer, cfg.total_steps), k, mesh, rules)
-    psh = sharding.param_shardings(None, model_cfg, mesh, rules)
-    abstract = ts.abstract_state(ctx, cfg.seed)
-    shardings = ts.state_shardings(ctx, abstract, psh)
-    state = ts.with_shardings(abstract, shardings)
+    ts.check_micro_batch(cfg, mesh)
+    ctx = ts.make_context(cfg, mesh)
+    state = abstract_train_state(model_cfg, ctx.tx, mesh, ctx.rules)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
     bsh = ts.batch_sharding(ctx)
     batch = {key: jax.ShapeDtypeStruct((B, T), jnp.float32 if key == "weights" else jnp.int32, sharding=bsh)
              for key in ts.BATCH_KEYS}
     step = ts.jit_train_step(ctx, shardings)
-    with sharding.sharding_context(mesh, rules):
+    with sharding.sharding_context(mesh, ctx.rules):
         lowered = step.jitted.lower(state, batch)
         stats = analyse_jaxpr(jax.make_jaxpr(ts.make_train_step(ctx))(state, batch))
-    n_mm = _matmul_params(model_cfg)
-    attention = 12.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * T
     return Program(
         mode="train", lowered=lowered,
         groups={"parameters": device_bytes(state["params"]), "optimizer state": device_bytes(state["opt_state"]),
                 "step, rng": device_bytes({"s": state["step"], "r": state["rng"]}), "batch": device_bytes(batch)},
-        jaxpr_stats=stats, model_flops=(6.0 * n_mm + attention) * B * T,
+        jaxpr_stats=stats, model_flops=train_flops_per_token(model_cfg, T) * B * T,
         workload={"global batch": f"{B} x {T} tokens", "per device": f"{B / mesh.size:g} sequences",
                   "grad accumulation": k, "remat": model_cfg.remat_policy, "attention": model_cfg.attention_impl,
                   "rules": p.rules,
                   "dtypes": f"params {model_cfg.param_dtype}, compute {model_cfg.dtype}",
                   "loss chunk": cfg.loss.chunk_size},
-        param_shardings=psh, param_shapes=state["params"], inputs={"state": state, "batch": batch},
+        param_shardings=shardings["params"], param_shapes=state["params"], inputs={"state": state, "batch": batch},
     )
 
 
@@ -142,7 +116,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     from lumina_jax.sampling.generate import prepare_inputs, size_table_from_crops
     from lumina_jax.unirep import crop_size_list, unirep_length
 
-    rules = _rules(rules_name)
+    rules = sharding.rule_set(rules_name, "parallel.rules")
     if spec.batch_size < 1 or spec.prompt_len < 1:
         raise ValueError(f"generate.batch_size={spec.batch_size} and generate.prompt_len={spec.prompt_len} must be >= 1")
     if spec.image_size % 32:
@@ -159,8 +133,8 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     replicated = NamedSharding(mesh, PartitionSpec())
     inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), host)
     table = jax.ShapeDtypeStruct(table.shape, jnp.bool_, sharding=replicated)
-    psh = sharding.param_shardings(None, cfg, mesh, rules)
-    params = _attach(nn.unbox(sharding.abstract_params(cfg)), psh)
+    params = abstract_params(cfg, mesh, rules)
+    psh = jax.tree.map(lambda x: x.sharding, params)
     dm = ChameleonDecodeModel(cfg)  # its cache carries the logical cache axes; the rules shard it
     rows = spec.batch_size * (2 if settings.use_guidance else 1)
     S = host.prompt.shape[1] + max_new
@@ -171,7 +145,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
         closed = jax.make_jaxpr(lambda p, i, t: decode_jit(dm, p, i, settings=settings, ids=ids, size_table=t))(
             params, inputs, table)
     stats = analyse_jaxpr(closed)
-    n_mm = _matmul_params(cfg)
+    n_mm = matmul_params(cfg)
     per_row_step = 2.0 * n_mm + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * S
     prefill_tokens = rows * max(host.prompt.shape[1], host.uncond_prompt.shape[1])
     param_bytes = device_bytes(params)

@@ -17,7 +17,10 @@ import os
 import re
 from typing import Any, Sequence
 
-import numpy as np
+import jax
+from jax.experimental import topologies
+
+from lumina_jax import sharding
 
 GiB = 1024 ** 3
 
@@ -111,10 +114,6 @@ def parse_topology(text: str, num_slices: int = 1) -> Topology:
 def topology_devices(topo: Topology) -> list[Any]:
     """The compile-only devices of the slices (needs libtpu: pip install -e .[aot])."""
     try:
-        from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - jax always ships it
-        raise RuntimeError(f"jax.experimental.topologies is unavailable: {e}") from e
-    try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topo.name, chip_config_name=topo.chip.chip_config_name,
             chips_per_host_bounds=topo.host_bounds(), num_slices=topo.num_slices)
@@ -127,26 +126,10 @@ def topology_devices(topo: Topology) -> list[Any]:
     return devices
 
 
-def build_mesh(topo: Topology, devices: Sequence[Any], spec: str, axes: Sequence[str] = ("data", "fsdp", "tensor")):
-    """A Mesh with Auto axes: `spec` (e.g. "fsdp=-1,tensor=4") lays out each slice over ICI; with several
-    slices the first axis (data) is also split across slices over DCN, so its size is num_slices x its
-    in-slice size."""
-    import jax
-    from jax.experimental import mesh_utils
-
-    from lumina_jax.sharding import parse_mesh_spec
-
+def build_mesh(topo: Topology, devices: Sequence[Any], spec: str) -> jax.sharding.Mesh:
+    """The mesh train.py builds for `parallel.mesh=spec` and `parallel.num_slices=topo.num_slices`
+    (`sharding.make_mesh`), over the topology's devices; errors name the slice size."""
     try:
-        sizes = parse_mesh_spec(spec, topo.chips_per_slice)
+        return sharding.make_mesh(spec, devices, num_slices=topo.num_slices)
     except ValueError as e:
         raise ValueError(f"parallel.mesh={spec!r} on {topo.chips_per_slice} chips per slice of {topo.name}: {e}") from None
-    ici = tuple(sizes[a] for a in axes)
-    if topo.num_slices == 1:
-        try:
-            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
-        except (ValueError, NotImplementedError, AssertionError):
-            grid = np.asarray(devices).reshape(ici)  # a layout the physical-topology mapper does not know
-    else:
-        dcn = (topo.num_slices,) + (1,) * (len(axes) - 1)
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-    return jax.sharding.Mesh(grid, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))

@@ -17,7 +17,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.convert.errors import ConversionError
 
 MANIFEST = "lumina.json"
@@ -52,7 +52,7 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
     except ValueError as e:
         raise ConversionError(f"{tokenizer_dir / 'text_tokenizer.json'}: {e}") from None
     try:
-        with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+        with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
             cfg = conv_decoder.convert(model_dir, tmp / "decoder", dtype=dtype, compute_dtype=compute_dtype,
                                        progress=progress)
             vq_cfg = conv_vqgan.convert(str(tokenizer_dir / "vqgan.ckpt"), str(tokenizer_dir / "vqgan.yaml"),
@@ -78,8 +78,8 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
                 "sources": {"model": str(model_dir.absolute()), "tokenizer": str(tokenizer_dir.absolute())},
                 "mask_image_logits": bool(cfg.mask_image_logits),
             }
-            checkpoint.write_json(tmp, MANIFEST, manifest)
-    except checkpoint.CheckpointError as e:
+            param_checkpoint.write_json(tmp, MANIFEST, manifest)
+    except param_checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
     return manifest
 

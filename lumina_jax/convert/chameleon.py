@@ -28,16 +28,17 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import jax
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm import tqdm
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.convert import hf_config as hfc
 from lumina_jax.convert import safetensors_io as sio
 from lumina_jax.convert.errors import ConversionError
+from lumina_jax.state import param_shapes
 
 LAYER = "{L}"  # placeholder for the layer index in HF key patterns
 SKIP_PREFIXES = ("model.vqmodel.",)  # the VQGAN encoder bundled by transformers; converted by `vqgan`
@@ -167,43 +168,9 @@ def leaf_shapes(cfg: ChameleonConfig) -> dict[str, tuple[int, ...]]:
 
 
 def model_leaf_shapes(cfg: ChameleonConfig) -> dict[str, tuple[int, ...]]:
-    """The decoder's own parameter shapes (jax.eval_shape of its init, scanned layout), by path."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-    from lumina_jax.models.chameleon import Chameleon
-
-    cfg = cfg.replace(scan_layers=True, remat_policy="none")
-    # Everything inside eval_shape, so no backend (and no accelerator) is initialised by a conversion.
-    abstract = jax.eval_shape(lambda: Chameleon(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    flat = flatten(nn.unbox(abstract["params"]))
-    return {k: tuple(v.shape) for k, v in flat.items()}
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def _one_line_list(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{f', ... +{len(items) - limit} more' if len(items) > limit else ''}]"
+    """The decoder's own parameter shapes (its init's eval_shape, scanned layout), by path."""
+    shapes = param_shapes(cfg.replace(scan_layers=True, remat_policy="none"))
+    return {k: tuple(v.shape) for k, v in flatten_dict(shapes, sep="/").items()}
 
 
 def _norm_rows(files: sio.ModelFiles, key: str, groups: int) -> int:
@@ -216,29 +183,20 @@ def _norm_rows(files: sio.ModelFiles, key: str, groups: int) -> int:
 
 def _check_keys(files: sio.ModelFiles, plans: list[KeyPlan], source: Path) -> dict[str, int]:
     """Raises one ConversionError naming every missing, unexpected and mis-shaped key; returns skip counts."""
-    expected = {p.hf_key: p for p in plans}
+    expected = {p.hf_key: p.hf_shape for p in plans}
     skipped = {prefix: 0 for prefix in SKIP_PREFIXES}
-    unexpected, misshaped, non_float = [], [], []
+    have, non_float = {}, []
     for key, info in files.tensors.items():
         prefix = next((s for s in SKIP_PREFIXES if key.startswith(s)), None)
         if prefix is not None:
             skipped[prefix] += 1
-        elif key not in expected:
-            unexpected.append(key)
-        elif info.shape != expected[key].hf_shape:
-            misshaped.append(f"{key} {list(info.shape)} (expected {list(expected[key].hf_shape)})")
-        elif info.dtype.kind != "f" and info.dtype != np.dtype(ml_dtypes.bfloat16):
+            continue
+        have[key] = info.shape
+        if key in expected and info.dtype.kind != "f" and info.dtype != np.dtype(ml_dtypes.bfloat16):
             non_float.append(f"{key} {info.dtype_name}")
-    missing = [k for k in expected if k not in files.tensors]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_one_line_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_one_line_list(sorted(unexpected))}")
-    if misshaped:
-        problems.append(f"wrong shapes {_one_line_list(misshaped)}")
+    problems = param_checkpoint.shape_mismatches(have, expected)
     if non_float:
-        problems.append(f"non-float tensors {_one_line_list(non_float)}")
+        problems.append(f"non-float tensors {param_checkpoint.one_line_list(non_float)}")
     if problems:
         raise ConversionError(f"{source}: the weights do not match config.json: {'; '.join(problems)}")
     return skipped
@@ -279,7 +237,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
     mixed = [f"{path} {sorted(str(d) for d in ds)}" for path, ds in source_dtypes.items() if len(ds) > 1]
     if mixed and dtype is None:
         raise ConversionError(f"{src}: tensors of one parameter have different dtypes across layers "
-                              f"{_one_line_list(mixed)}; pass --dtype")
+                              f"{param_checkpoint.one_line_list(mixed)}; pass --dtype")
     leaf_dtype = {path: DTYPE_CHOICES[dtype] if dtype else next(iter(ds)) for path, ds in source_dtypes.items()}
     all_source = sorted({str(d) for ds in source_dtypes.values() for d in ds})
     param_dtype = dtype or (all_source[0] if len(all_source) == 1 else "float32")
@@ -295,7 +253,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
     if shapes != model_shapes:
         raise RuntimeError(f"internal: KEY_TABLE shapes {shapes} differ from the decoder's {model_shapes}")
 
-    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
         leaves = {path: np.empty(shape, leaf_dtype[path]) for path, shape in shapes.items()}
         total = sum(files.tensors[p.hf_key].nbytes for p in plans)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
@@ -304,11 +262,11 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, compu
                 dest = leaves[p.path] if p.layer is None else leaves[p.path][p.layer]
                 hf_to_param(files.read(p.hf_key), p.transform, cfg, dest)
                 bar.update(files.tensors[p.hf_key].nbytes)
-        checkpoint.save_params(tmp, unflatten(leaves), host_copy=False)
+        param_checkpoint.save_params(tmp, unflatten_dict(leaves, sep="/"), host_copy=False)
         del leaves
-        checkpoint.write_json(tmp, "config.json", cfg.to_dict())
+        param_checkpoint.write_json(tmp, "config.json", cfg.to_dict())
         shutil.copyfile(src / "config.json", tmp / "hf_config.json")
-        checkpoint.write_json(tmp, "conversion.json", {
+        param_checkpoint.write_json(tmp, "conversion.json", {
             "source": str(src.absolute()),
             "source_files": files.files,
             "source_dtypes": all_source,
@@ -332,8 +290,8 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
         raise ConversionError(f"{out}: output directory already exists (pass --overwrite to replace it)")
     limit = sio.parse_size(max_shard_size)
     try:
-        cfg = ChameleonConfig.from_dict(checkpoint.read_json(src, "config.json"))
-    except (checkpoint.CheckpointError, ValueError, TypeError) as e:
+        cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(src, "config.json"))
+    except (param_checkpoint.CheckpointError, ValueError, TypeError) as e:
         raise ConversionError(f"{src / 'config.json'}: {e}") from None
     if hf_config_path is not None:
         hf = _read_hf_config(Path(hf_config_path))
@@ -348,18 +306,14 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
         hfc.check_hf_config_matches(hf, cfg, hf_source)
 
     try:
-        params = checkpoint.restore_params(src)
-    except checkpoint.CheckpointError as e:
+        params = param_checkpoint.restore_params(src)
+    except param_checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
-    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    flat = {k: np.asarray(v) for k, v in flatten_dict(params, sep="/").items()}
     del params
-    shapes = leaf_shapes(cfg)
-    problems = [f"{k} {list(v.shape)} (expected {list(shapes[k])})" for k, v in flat.items()
-                if k in shapes and tuple(v.shape) != shapes[k]]
-    problems += [f"missing {k}" for k in shapes if k not in flat]
-    problems += [f"unexpected {k}" for k in flat if k not in shapes]
+    problems = param_checkpoint.shape_mismatches({k: v.shape for k, v in flat.items()}, leaf_shapes(cfg))
     if problems:
-        raise ConversionError(f"{src}: parameters do not match config.json: {_one_line_list(problems)}")
+        raise ConversionError(f"{src}: parameters do not match config.json: {'; '.join(problems)}")
 
     export_cfg = cfg
     if qk_norm_rows == "heads":
@@ -390,7 +344,7 @@ def export(src: str | Path, out: str | Path, *, dtype: str | None = None, max_sh
             if key in hf and hf[key] != torch_dtype:
                 hf[key] = torch_dtype
 
-    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
                   disable=not progress, file=sys.stderr) as bar:
             names = sio.write_model(tmp, specs, limit, metadata={"format": "pt"},

@@ -76,7 +76,7 @@ def chameleon_config_from_hf(
     """Maps a Hugging Face / Lumina Chameleon config.json dict to our config.
 
     `q_norm_rows` / `k_norm_rows` come from the q/k-norm tensors (the config's `model_parallel_size` is not
-    reliable, see spec 1.3.2). `mask_image_logits=None` keeps the source model's behaviour: Lumina's flag if
+    reliable: docs/reference.md#qk-norm-row-formats). `mask_image_logits=None` keeps the source model's behaviour: Lumina's flag if
     present, else True (stock transformers Chameleon always masks image logits).
     """
     if not isinstance(hf, dict):

@@ -7,7 +7,7 @@ The key table is mechanical (see `lumina_jax.models.vqgan`): `encoder.down.2.blo
 Strictness: every expected key must be present with the expected shape; keys under `loss.` (the
 Lightning VQModel's LPIPS + discriminator, training only) are dropped; anything else is an error. All
 problems are named in one error. Which levels carry attention blocks is read from the keys actually
-present (spec 2.1: `attn_resolutions` of the yaml is not trusted) and written to `vqgan_config.json`.
+present (the yaml's `attn_resolutions` is not reliable; docs/reference.md#vqgan) and written to `vqgan_config.json`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.convert import torch_pickle
 from lumina_jax.convert.errors import ConversionError
 from lumina_jax.image_tokenizer import CONFIG_FILE
@@ -82,19 +82,10 @@ def params_from_state_dict(state_dict: dict[str, Any], config: VQGANConfig, sour
     """
     table = key_table(config)
     dropped = sorted(k for k in state_dict if k.startswith(DROPPED_PREFIXES))
-    missing = sorted(k for k in table if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in table and not k.startswith(DROPPED_PREFIXES))
-    bad_shape = [f"{k} {tuple(state_dict[k].shape)} != expected {table[k][1]}"
-                 for k in table if k in state_dict and tuple(state_dict[k].shape) != table[k][1]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {', '.join(unexpected)}")
-    if bad_shape:
-        problems.append(f"wrong shape: {'; '.join(bad_shape)}")
+    have = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(DROPPED_PREFIXES)}
+    problems = param_checkpoint.shape_mismatches(have, {k: shape for k, (_, shape) in sorted(table.items())})
     if problems:
-        raise ConversionError(f"{source} does not match the VQGAN config: " + " | ".join(problems))
+        raise ConversionError(f"{source} does not match the VQGAN config: {'; '.join(problems)}")
     params: dict = {}
     for key, (path, _) in tqdm(sorted(table.items()), desc="vqgan tensors", disable=not progress, unit="tensor"):
         x = torch_pickle.as_numpy(state_dict[key])
@@ -153,13 +144,13 @@ def convert(ckpt_path: str, yaml_path: str, out_dir: str, overwrite: bool = Fals
         config = config.replace(attn_resolutions=attn)
     params, dropped = params_from_state_dict(sd, config, source=f"{ckpt_path}: {state_dict_key}", progress=progress)
     try:
-        with checkpoint.atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            checkpoint.save_params(tmp, params)
-            checkpoint.write_json(tmp, CONFIG_FILE, config.to_dict())
-            checkpoint.write_json(tmp, "conversion.json", {
+        with param_checkpoint.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            param_checkpoint.save_params(tmp, params)
+            param_checkpoint.write_json(tmp, CONFIG_FILE, config.to_dict())
+            param_checkpoint.write_json(tmp, "conversion.json", {
                 "source_checkpoint": os.path.abspath(ckpt_path), "source_config": os.path.abspath(yaml_path),
                 "dropped_keys": len(dropped), "dropped_prefixes": list(DROPPED_PREFIXES)})
-    except checkpoint.CheckpointError as e:
+    except param_checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
     return config
 
@@ -175,9 +166,9 @@ def export(checkpoint_dir: str, out_path: str, yaml_out: str | None = None, over
         if os.path.exists(p) and not overwrite:
             raise ConversionError(f"{p}: already exists (pass --overwrite)")
     try:
-        config = VQGANConfig.from_dict(checkpoint.read_json(checkpoint_dir, CONFIG_FILE))
-        params = checkpoint.restore_params(checkpoint_dir, checkpoint.abstract_like(abstract_params(config)))
-    except checkpoint.CheckpointError as e:
+        config = VQGANConfig.from_dict(param_checkpoint.read_json(checkpoint_dir, CONFIG_FILE))
+        params = param_checkpoint.restore_params(checkpoint_dir, param_checkpoint.abstract_like(abstract_params(config)))
+    except param_checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
     sd = {k: torch.from_numpy(v) for k, v in state_dict_from_params(params, config).items()}
     tmp = f"{out_path}.tmp-{os.getpid()}"

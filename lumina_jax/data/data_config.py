@@ -25,11 +25,16 @@ class DataSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataMix:
+    """The datasets a run draws from and their per-epoch ratios (the parsed data-config YAML).
+
+    Named apart from `training.config.DataConfig`, the TrainConfig section of sequence length and batch size.
+    """
+
     sources: tuple[DataSource, ...]  # the META entries, in file order
 
     @classmethod
-    def from_yaml(cls, path: str) -> "DataConfig":
+    def from_yaml(cls, path: str) -> "DataMix":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: data config file does not exist")
         with open(path, encoding="utf-8") as f:
@@ -37,7 +42,7 @@ class DataConfig:
         return cls.from_dict(doc, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
     @classmethod
-    def from_dict(cls, doc, source: str = "data config", base_dir: str = ".") -> "DataConfig":
+    def from_dict(cls, doc, source: str = "data config", base_dir: str = ".") -> "DataMix":
         if not isinstance(doc, dict) or "META" not in doc:
             raise ValueError(f"{source}: top-level key 'META' is missing")
         meta = doc["META"]
@@ -58,10 +63,10 @@ class DataConfig:
         return cls(tuple(out))
 
 
-def load_data_config(config) -> DataConfig:
-    """A DataConfig from a YAML path, a dict with META, or a DataConfig (returned as is)."""
-    if isinstance(config, DataConfig):
+def load_data_config(config) -> DataMix:
+    """A DataMix from a YAML path, a dict with META, or a DataMix (returned as is)."""
+    if isinstance(config, DataMix):
         return config
     if isinstance(config, dict):
-        return DataConfig.from_dict(config)
-    return DataConfig.from_yaml(os.fspath(config))
+        return DataMix.from_dict(config)
+    return DataMix.from_yaml(os.fspath(config))

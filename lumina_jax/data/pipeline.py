@@ -37,7 +37,7 @@ import grain
 import grain.experimental as grain_exp
 import numpy as np
 
-from lumina_jax.data.data_config import DataConfig, load_data_config
+from lumina_jax.data.data_config import DataMix, load_data_config
 from lumina_jax.data.records import PretokenizedDataset
 
 IGNORE = -100
@@ -160,7 +160,7 @@ def make_train_dataset(data_config, seq_len: int, batch_size: int, seed: int, sh
                        num_packing_bins: int | None = None, pad_multiple: int = 256, bucket_window: int = 256,
                        read_threads: int = 4) -> grain.IterDataset:
     """The grain IterDataset of (B, T) training batches of host `shard_index` (see the module docstring)."""
-    cfg: DataConfig = load_data_config(data_config)
+    cfg: DataMix = load_data_config(data_config)
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} is not in 0..shard_count-1={shard_count - 1}")
     if seq_len < 1 or batch_size < 1:

@@ -4,7 +4,7 @@
 
 Stages (each one a subprocess, so its wall and CPU time are measured on their own):
   1. shapes      the synthetic set (`lumina_jax.demo.shapes`) at the two target sizes (64 then 128 px)
-  2. vqgan       a small VQGAN of Chameleon's layout (`lumina_jax.training.vqgan_train`); `--vqgan DIR`
+  2. vqgan       a small VQGAN of Chameleon's layout (`lumina_jax.demo.vqgan`); `--vqgan DIR`
                  copies an existing checkpoint instead (its codebook size decides the image ids)
   3. tokenizer   a SentencePiece vocabulary of the prompts with Chameleon's special layout
                  (`lumina_jax.tokenizer_train`) and only as many image tokens as VQGAN codes
@@ -48,7 +48,7 @@ class RecipePreset:
 
     items_stage1: int  # synthetic items at target size 64
     items_stage2: int  # synthetic items at target size 128
-    vqgan_flags: tuple[str, ...]  # extra flags of `python -m lumina_jax.training.vqgan_train`
+    vqgan_flags: tuple[str, ...]  # extra flags of `python -m lumina_jax.demo.vqgan`
     text_vocab_size: int  # learned SentencePiece pieces on top of the special block
     stage1_overrides: tuple[str, ...]  # train.py overrides of stage 1
     stage2_overrides: tuple[str, ...]  # train.py overrides of stage 2
@@ -146,13 +146,13 @@ def trim_image_only(src: Path, dst: Path, data_json: Path, image_start: int) -> 
 def check_vqgan_run(directory: Path, seed: int, flags: tuple[str, ...]) -> None:
     """Warns unless `directory`'s train_report.json shows the training settings this recipe would use (the
     evaluation settings aside), i.e. unless reusing it equals running the VQGAN stage."""
-    from lumina_jax.training import vqgan_train
+    from lumina_jax.demo import vqgan as demo_vqgan
 
-    report = directory / vqgan_train.REPORT_FILE
+    report = directory / demo_vqgan.REPORT_FILE
     if not report.is_file():
         print(f"[recipe] warning: {report} missing; cannot check that {directory} is this recipe's VQGAN", flush=True)
         return
-    ns = vqgan_train.build_parser().parse_args(["--out", "x", "--seed", str(seed), *flags])
+    ns = demo_vqgan.build_parser().parse_args(["--out", "x", "--seed", str(seed), *flags])
     want = {k: v for k, v in vars(ns).items() if k in json.loads(report.read_text())["config"]}
     got = json.loads(report.read_text())["config"]
     diff = {k: (got[k], v) for k, v in want.items() if not k.startswith("eval_") and got[k] != v}
@@ -167,22 +167,22 @@ def assemble(out: Path, decoder_dir: Path, vqgan_dir: Path, tokenizer_model: Pat
     import jax
     import jax.numpy as jnp
 
-    from lumina_jax import checkpoint
+    from lumina_jax import param_checkpoint
 
     def to_bf16(tree):
         return jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                             tree)
 
-    with checkpoint.atomic_directory(out, overwrite=True) as tmp:
+    with param_checkpoint.atomic_directory(out, overwrite=True) as tmp:
         (tmp / "decoder").mkdir()
-        checkpoint.save_params(tmp / "decoder", to_bf16(checkpoint.restore_params(decoder_dir)))
+        param_checkpoint.save_params(tmp / "decoder", to_bf16(param_checkpoint.restore_params(decoder_dir)))
         shutil.copyfile(decoder_dir / "config.json", tmp / "decoder" / "config.json")
         (tmp / "vqgan").mkdir()
-        checkpoint.save_params(tmp / "vqgan", to_bf16(checkpoint.restore_params(vqgan_dir)))
+        param_checkpoint.save_params(tmp / "vqgan", to_bf16(param_checkpoint.restore_params(vqgan_dir)))
         shutil.copyfile(vqgan_dir / "vqgan_config.json", tmp / "vqgan" / "vqgan_config.json")
         (tmp / "tokenizer").mkdir()
         shutil.copyfile(tokenizer_model, tmp / "tokenizer" / "tok.model")
-        checkpoint.write_json(tmp, "lumina.json", {
+        param_checkpoint.write_json(tmp, "lumina.json", {
             "format": 1, "decoder": "decoder", "vqgan": "vqgan", "tokenizer": "tokenizer/tok.model",
             "target_size": int(target_size), "sources": {"recipe": "python -m lumina_jax.demo.recipe"},
             "mask_image_logits": False})
@@ -235,7 +235,7 @@ def run_recipe(out: Path, seed: int = 0, preset: str = "full", vqgan: str | None
             shutil.rmtree(out / "vqgan", ignore_errors=True)
             shutil.copytree(vqgan, out / "vqgan")
         else:
-            _run([python, "-m", "lumina_jax.training.vqgan_train", "--out", str(out / "vqgan"), "--overwrite",
+            _run([python, "-m", "lumina_jax.demo.vqgan", "--out", str(out / "vqgan"), "--overwrite",
                   "--seed", str(seed), *p.vqgan_flags], log)
 
     def tokenizer():

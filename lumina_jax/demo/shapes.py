@@ -9,7 +9,7 @@ appears in the training split; they test whether the model composes a colour and
 apart. Item i depends only on (seed, i), so a larger set extends a smaller one.
 
 Output directory: `images/000000.png ...`, `data.json` in the reference's pre-tokenization input format
-(`lumina_jax.data.pretokenize`, spec §5.2), `corpus.txt` (the prompts, for training a SentencePiece
+(`lumina_jax.data.pretokenize`; docs/reference.md#pre-tokenization-input), `corpus.txt` (the prompts, for training a SentencePiece
 vocabulary) and `set_config.json` (the settings, for reproducing the set). A share of the items is
 image-only: an empty human turn, so the assistant turn starts at the image-start token and the
 unconditional branch of guidance has something to learn (see docs/demo.md for how that is tokenized).
@@ -256,7 +256,7 @@ def write_set(out_dir: str | os.PathLike, cfg: SetConfig, overwrite: bool = Fals
     """Writes images/, data.json, corpus.txt and set_config.json into `out_dir` (atomically); returns a summary."""
     from tqdm import tqdm
 
-    from lumina_jax.checkpoint import atomic_directory
+    from lumina_jax.param_checkpoint import atomic_directory
 
     counts = {"items": 0, "image_only": 0, "by_size": {}}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

@@ -16,7 +16,6 @@ Differences from the reference (Lumina's bundled `ChameleonForConditionalGenerat
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Optional
 
@@ -30,7 +29,7 @@ from lumina_jax.models.attention import Attention, KVCache, Linear, init_cache, 
 
 __all__ = [
     "Chameleon", "DecoderBlock", "KVCache", "REMAT_POLICIES", "compute_logits", "init_cache",
-    "init_params", "stack_layers", "unstack_layers",
+    "stack_layers", "unstack_layers",
 ]
 
 Array = jax.Array
@@ -283,17 +282,3 @@ def unstack_layers(params: dict) -> dict:
     for i in range(n):
         out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
     return out
-
-
-@functools.lru_cache(maxsize=32)
-def _jitted_init(config: ChameleonConfig):
-    model = Chameleon(config)
-    return jax.jit(lambda rng: nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
-
-
-def init_params(config: ChameleonConfig, rng) -> dict:
-    """Random parameters (the unboxed "params" collection) for `config`, on the default device."""
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
-    with nn.logical_axis_rules(()):  # a (1, 1) dummy batch: no activation constraints
-        return _jitted_init(config)(rng)

@@ -340,10 +340,6 @@ class VQGAN(nn.Module):
         self.post_quant_conv = _conv(cfg.z_channels, 1, self.dtype, "post_quant_conv")
         self.decoder = Decoder(cfg, self.dtype)
 
-    def encoder_features(self, images):
-        """Encoder output before quant_conv (B, h, w, z_channels), float32."""
-        return self.encoder(images).astype(jnp.float32)
-
     def encode_latents(self, images):
         """quant_conv(encoder(images)) (B, h, w, D), float32: the vectors that get quantized."""
         return self.quant_conv(self.encoder(images)).astype(jnp.float32)
@@ -422,8 +418,3 @@ def abstract_params(config: VQGANConfig) -> dict:
     f = config.downsample_factor
     x = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
     return jax.eval_shape(VQGAN(config).init, jax.random.key(0), x)["params"]
-
-
-def param_count(tree: Any) -> int:
-    """Number of scalars in a (sub)tree."""
-    return sum(int(x.size) for x in jax.tree.leaves(tree))

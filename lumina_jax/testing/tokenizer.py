@@ -1,6 +1,6 @@
 """A Chameleon-like `text_tokenizer.json` for tests: the real special names at the real ids, tiny BPE text part.
 
-Layout (spec §3): `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `IMGIMG<letters>Z` at 4..8195 (code c at c+4),
+Layout (docs/reference.md#special-ids): `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `IMGIMG<letters>Z` at 4..8195 (code c at c+4),
 `<eoss>` 8196, `<racm3:break>` 8197, `<reservedNNNNN>` at NNNNN+4 for ids 8198..`RESERVED_END-1`, then the
 256 byte-level symbols and a few hundred BPE merges learned (deterministically) from a fixed English text,
 then filler `<reservedNNNNN>` entries up to 65,536. Building it takes well under a second.
@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+
+from lumina_jax.tokenizer import image_token_name
 
 VOCAB_SIZE = 65536
 NUM_IMAGE_CODES = 8192
@@ -39,11 +41,6 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def image_token_name(code: int) -> str:
-    """Vocabulary name of image code `code`: digits written as letters A..J, framed by IMGIMG ... Z."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
 def _learn_merges(num_merges: int) -> list[tuple[str, str]]:

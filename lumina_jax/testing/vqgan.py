@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import yaml
 
-from lumina_jax import checkpoint
+from lumina_jax import param_checkpoint
 from lumina_jax.image_tokenizer import CONFIG_FILE
 from lumina_jax.models.vqgan import VQGANConfig, abstract_params
 
@@ -96,7 +96,7 @@ def write_vqgan_checkpoint(directory: str | os.PathLike, config: VQGANConfig | N
     Same weights as `write_lightning_vqgan` + `python -m lumina_jax.convert vqgan` for the same seed.
     """
     config = config or tiny_vqgan_config()
-    with checkpoint.atomic_directory(directory, overwrite=overwrite) as tmp:
-        checkpoint.save_params(tmp, random_vqgan_params(config, seed))
-        checkpoint.write_json(tmp, CONFIG_FILE, config.to_dict())
+    with param_checkpoint.atomic_directory(directory, overwrite=overwrite) as tmp:
+        param_checkpoint.save_params(tmp, random_vqgan_params(config, seed))
+        param_checkpoint.write_json(tmp, CONFIG_FILE, config.to_dict())
     return Path(directory).absolute()

@@ -49,7 +49,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    mesh: str = "fsdp=-1"  # mesh axes "data=2,fsdp=2,tensor=2"; -1 takes the remaining devices
+    mesh: str = "fsdp=-1"  # mesh axes of one slice "data=2,fsdp=2,tensor=2"; -1 takes the slice's remaining devices
+    num_slices: int = 1  # slices joined over the data-centre network (multi-slice TPU); the data axis spans them
     rules: str = "fsdp"  # logical-axis rule set of lumina_jax.sharding.RULE_SETS ("fsdp" or "tensor")
     grad_accum_steps: int = 1  # micro-batches per optimizer step (accumulated with lax.scan)
     coordinator_address: str = ""  # multi-host: "host:port" of process 0 ("" = single process or env/cluster auto)
@@ -66,7 +67,6 @@ class CheckpointConfig:
     init_from: str = ""  # converted decoder checkpoint dir (params/ + config.json) to start from ("" = random init)
     zero_image_lm_head: bool = False  # reference starting point: zero lm_head columns of the image tokens at init
     resume: bool = True  # continue from the newest checkpoint in train.output_dir when there is one
-    preemption_check_steps: int = 10  # multi-process: steps between the (collective) checks of the SIGTERM flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +104,8 @@ class TrainConfig:
 def check(cfg: TrainConfig) -> None:
     """Raises a one-line ValueError naming the field of an inconsistent config."""
     d, p = cfg.data, cfg.parallel
+    if p.num_slices < 1:
+        raise ValueError(f"parallel.num_slices={p.num_slices} must be >= 1")
     if p.grad_accum_steps < 1:
         raise ValueError(f"parallel.grad_accum_steps={p.grad_accum_steps} must be >= 1")
     if d.global_batch_size % p.grad_accum_steps:
@@ -239,10 +241,10 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
 
 def fpsft_config(name: str, model: ChameleonConfig, seq_len: int, *, dropout: float, total_steps: int = 20000,
                  global_batch_size: int = 256, init_from: str = "", zero_image_lm_head: bool = False) -> TrainConfig:
-    """FP-SFT settings of the reference (spec §6, exps/7B.sh), for one stage and model size.
+    """FP-SFT settings of the reference (its exps/7B.sh), for one stage and model size.
 
-    Step count, batch size per stage and data mix are not published [spec §9 item 5]: total_steps and
-    global_batch_size are placeholders to set per run (the reference: 8 sequences x 32 GPUs, 2 epochs).
+    Step count, batch size per stage and data mix are not published: total_steps and global_batch_size are
+    placeholders to set per run (the reference: 8 sequences x 32 GPUs, 2 epochs).
     """
     return TrainConfig(
         name=name,

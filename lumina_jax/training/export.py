@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
-import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from lumina_jax import checkpoint as ckpt_io
+from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
+from lumina_jax.convert import chameleon as convert_chameleon
 from lumina_jax.models.chameleon import stack_layers
+from lumina_jax.state import abstract_train_state
+from lumina_jax.training import config as config_lib
+from lumina_jax.training import train_step as ts
+from lumina_jax.training import trainer
+from lumina_jax.training.train_checkpoint import TrainCheckpointer
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -44,50 +50,36 @@ def export_run_state(params: Any, model_config: ChameleonConfig, out_dir: str, *
         params = stack_layers(params)
     cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))
     params = cast(params)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / ckpt_io.PARAMS_SUBDIR, params)
-        ckptr.wait_until_finished()
+    param_checkpoint.save_params(out, params)
     if jax.process_index() == 0:
         config = model_config.replace(param_dtype=dtype, scan_layers=True, dropout=0.0)
-        ckpt_io.write_json(out, "config.json", config.to_dict())
+        param_checkpoint.write_json(out, "config.json", config.to_dict())
         has_hf_config = bool(source_dir) and (Path(source_dir) / "hf_config.json").is_file()
         if has_hf_config:
             shutil.copyfile(Path(source_dir) / "hf_config.json", out / "hf_config.json")
         if hf_dir:
-            from lumina_jax.convert import chameleon as convert_chameleon
             rows = qk_norm_rows if qk_norm_rows != "auto" else ("stored" if has_hf_config else "heads")
             convert_chameleon.export(out, hf_dir, dtype=None, qk_norm_rows=rows, progress=True)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("lumina_jax_export_done")
 
 
 def export_from_run(run_dir: str, out_dir: str, *, step: Optional[int] = None, hf_dir: str = "",
                     dtype: str = "bfloat16") -> int:
     """Exports the parameters of checkpoint `step` (default: newest) of the training run in `run_dir`."""
-    from lumina_jax.training import config as config_lib
-    from lumina_jax.training import trainer
-    from lumina_jax.training import train_step as ts
-    from lumina_jax.training.checkpointing import TrainCheckpointer
-
     ckpt = TrainCheckpointer(os.path.join(run_dir, "checkpoints"), save_interval_steps=1, max_to_keep=None,
                              async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints: no training checkpoint to export")
     cfg = config_lib.from_dict(ckpt.restore_config(step))
-    cfg = config_lib.apply_overrides(cfg, ["parallel.mesh=fsdp=-1", "checkpoint.resume=false",
+    # the run's state on every device of this one process, whatever mesh and hosts the run had
+    cfg = config_lib.apply_overrides(cfg, ["parallel.mesh=fsdp=-1", "parallel.num_slices=1", "checkpoint.resume=false",
                                            f"output_dir={run_dir}", "parallel.num_processes=0",
                                            "parallel.coordinator_address="])
     model_cfg = trainer.resolve_model_config(cfg)
-    from lumina_jax import sharding
-    mesh = sharding.make_mesh("fsdp=-1")
-    rules = sharding.RULE_SETS[cfg.parallel.rules]
-    from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
-    tx = make_optimizer(cfg.optimizer, cfg.total_steps)
-    ctx = ts.StepContext(model_cfg, cfg.loss, tx, learning_rate_schedule(cfg.optimizer, cfg.total_steps), 1, mesh, rules)
-    shardings = ts.state_shardings(ctx, ts.abstract_state(ctx), sharding.param_shardings(None, model_cfg, mesh, rules))
-    state, _ = ckpt.restore(step, ts.with_shardings(ts.abstract_state(ctx), shardings))
+    ctx = ts.make_context(cfg, ts.make_mesh(cfg), model_cfg)
+    state, _ = ckpt.restore(step, abstract_train_state(model_cfg, ctx.tx, ctx.mesh, ctx.rules))
     ckpt.close()
     export_run_state(state["params"], model_cfg, out_dir, hf_dir=hf_dir, dtype=dtype,
                      source_dir=cfg.checkpoint.init_from)

@@ -10,9 +10,10 @@ The (B, T, V) logits are never materialised: the output layer and the loss run o
 - `fused_grad=False`: plain autodiff of a rematerialised chunk loop (recomputes each chunk's logits).
 
 Both return *sums* over supervised tokens; the caller divides once by the global supervised-token count
-(spec §1.5, fixing §8 item 14: the reference averages per micro-batch and rank).
+(the reference averages per micro-batch and rank: docs/reference.md#loss-averaged-per-micro-batch).
 
-z-loss per token is logsumexp(logits)^2 (Lumina's `z_loss`), weighted like the CE.
+z-loss per token is logsumexp(logits)^2 (Lumina's `z_loss`, docs/reference.md#loss-and-z-loss), weighted like
+the CE.
 """
 from __future__ import annotations
 

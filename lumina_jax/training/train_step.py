@@ -1,31 +1,34 @@
-"""The train state, its shardings, and the pure jitted train step (lax.scan gradient accumulation).
+"""The pure jitted train step (lax.scan gradient accumulation) and the context it closes over.
 
-State: a dict {"step": int32, "params": fp32 master weights, "opt_state": Optax state, "rng": uint32 key
-data}. Dropout keys are derived, never threaded: key = fold_in(fold_in(rng, step), micro_batch). The
-dropout mask is drawn for the whole global (B, T, D) activation with a partitionable PRNG, so every
-example (and every data shard) gets different noise while the result does not depend on the mesh
-(spec §8 item 20: the reference gives all ranks the same dropout stream).
+The train state it updates is built by `lumina_jax.state` ({"step", "params", "opt_state", "rng"}).
+Dropout keys are derived, never threaded: key = fold_in(fold_in(rng, step), micro_batch). The dropout mask
+is drawn for the whole global (B, T, D) activation with a partitionable PRNG, so every example (and every
+data shard) gets different noise while the result does not depend on the mesh (the reference gives every
+rank the same dropout stream, so data-parallel replicas drop the same units: docs/reference.md, "Same
+dropout on every rank").
 
 Loss normalisation: sum over supervised tokens of CE + z_loss_weight * lse^2 divided by the number of
-supervised tokens of the global batch, across micro-batches and devices (spec §8 item 14).
+supervised tokens of the global batch, across micro-batches and devices (so the loss of a step does not
+depend on how its rows are split into micro-batches or over devices: docs/reference.md, "Loss averaged per
+micro-batch").
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lumina_jax import sharding
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.chameleon import Chameleon, compute_logits
-from lumina_jax.training.config import LossConfig
+from lumina_jax.training.config import LossConfig, TrainConfig
 from lumina_jax.training.loss import chunked_loss_sums
+from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
@@ -43,51 +46,36 @@ class StepContext:
     rules: tuple  # logical axis rules ((logical, mesh axes), ...)
 
 
+def make_context(cfg: TrainConfig, mesh: jax.sharding.Mesh, model_config: Optional[ChameleonConfig] = None,
+                 ) -> StepContext:
+    """The step context of run config `cfg` on `mesh`: rules, optimizer and schedule (train.py, export, AOT).
+
+    `model_config` replaces `cfg.model` (a run initialised from a checkpoint takes its architecture from it).
+    """
+    rules = sharding.rule_set(cfg.parallel.rules, "parallel.rules")
+    return StepContext(model_config or cfg.model, cfg.loss, make_optimizer(cfg.optimizer, cfg.total_steps),
+                       learning_rate_schedule(cfg.optimizer, cfg.total_steps), cfg.parallel.grad_accum_steps, mesh,
+                       rules)
+
+
+def make_mesh(cfg: TrainConfig, devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+    """The run's mesh: `parallel.mesh` laid out in each of `parallel.num_slices` slices. train.py and the AOT
+    tool both build it here, so a mesh the AOT tool compiles for is one a training run builds."""
+    return sharding.make_mesh(cfg.parallel.mesh, devices, num_slices=cfg.parallel.num_slices)
+
+
+def check_micro_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """Raises ValueError unless each micro-batch splits evenly over the batch shards (data x fsdp) of `mesh`."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.data.global_batch_size // cfg.parallel.grad_accum_steps
+    if micro % shards:
+        raise ValueError(f"micro-batch of {micro} rows (data.global_batch_size={cfg.data.global_batch_size} / "
+                         f"parallel.grad_accum_steps={cfg.parallel.grad_accum_steps}) does not divide over the "
+                         f"{shards} batch shards (data x fsdp) of mesh {dict(mesh.shape)}")
+
+
 def batch_sharding(ctx: StepContext) -> NamedSharding:
     return sharding.batch_sharding(ctx.mesh, ctx.rules)
-
-
-def state_shardings(ctx: StepContext, abstract_state: Any, params_sharding: Any) -> Any:
-    replicated = NamedSharding(ctx.mesh, P())
-    opt = optax.tree_map_params(
-        ctx.tx, lambda _, s: s, abstract_state["opt_state"], params_sharding,
-        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
-    return {"step": replicated, "params": params_sharding, "opt_state": opt, "rng": replicated}
-
-
-def _new_state(tx, params, seed):
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "rng": jax.random.key_data(jax.random.key(seed)),
-    }
-
-
-def abstract_state(ctx: StepContext, seed: int = 0) -> Any:
-    model = Chameleon(ctx.model_config)
-
-    def build():
-        params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-        return _new_state(ctx.tx, params, seed)
-
-    return jax.eval_shape(build)
-
-
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def init_state(ctx: StepContext, shardings: Any, seed: int, params: Any = None) -> Any:
-    """Sharded state: random parameters from `seed`, or the given (already sharded) `params`."""
-    model = Chameleon(ctx.model_config)
-    if params is None:
-        def build(key):
-            with nn.logical_axis_rules(()):  # init traces a (1, 1) batch: no activation constraints
-                p = nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-            return _new_state(ctx.tx, p, seed)
-        return jax.jit(build, out_shardings=shardings)(jax.random.key(seed))
-    return jax.jit(lambda p: _new_state(ctx.tx, p, seed), out_shardings=shardings)(params)
 
 
 def _split_micro_batches(batch: dict, k: int) -> dict:
@@ -181,7 +169,7 @@ def jit_train_step(ctx: StepContext, shardings: Any):
     """jax.jit of the step with explicit in/out shardings and the state donated."""
     step_fn = make_train_step(ctx)
     bsh = batch_sharding(ctx)
-    replicated = NamedSharding(ctx.mesh, P())
+    replicated = NamedSharding(ctx.mesh, PartitionSpec())
     jitted = jax.jit(
         step_fn,
         in_shardings=(shardings, {k: bsh for k in BATCH_KEYS}),
@@ -201,21 +189,6 @@ def global_batch(ctx: StepContext, local_batch: dict) -> dict:
     """Assembles each process's rows (numpy) into global arrays sharded over the batch axes."""
     bsh = batch_sharding(ctx)
     return {k: jax.make_array_from_process_local_data(bsh, np.asarray(local_batch[k])) for k in BATCH_KEYS}
-
-
-def jit_grad_fn(ctx: StepContext, params_sharding: Any):
-    """jax.jit of `make_grad_fn` with explicit shardings (for checks and tools)."""
-    fn = make_grad_fn(ctx)
-    bsh = batch_sharding(ctx)
-    replicated = NamedSharding(ctx.mesh, P())
-    jitted = jax.jit(fn, in_shardings=(params_sharding, {k: bsh for k in BATCH_KEYS}, replicated, replicated),
-                     out_shardings=(params_sharding, replicated))
-
-    def run(params, batch, step, rng):
-        with sharding.sharding_context(ctx.mesh, ctx.rules):
-            return jitted(params, {k: batch[k] for k in BATCH_KEYS}, step, rng)
-
-    return run
 
 
 def dropout_key(rng: jax.Array, step, micro_batch) -> jax.Array:

@@ -4,7 +4,7 @@ checkpoints, metrics (console + progress bar + TensorBoard + metrics.jsonl), NaN
 Differences from the reference: a step's metrics are fetched one step late, while the next step runs,
 with no extra all-reduces, so the host waits for the device only at checkpoints; the NaN/inf check
 still runs before every save, so nothing non-finite is saved; there is no extra checkpoint right after
-the first step (spec §8 item 17).
+the first step (docs/reference.md, "Per-step syncs and extra checkpoint").
 """
 from __future__ import annotations
 
@@ -18,15 +18,18 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from lumina_jax import checkpoint as ckpt_io
+from lumina_jax import param_checkpoint
 from lumina_jax import sharding
 from lumina_jax.config import ChameleonConfig
+from lumina_jax.data.pipeline import make_train_iterator
+from lumina_jax.flops import train_flops_per_token
+from lumina_jax.state import abstract_train_state, init_train_state, restore_params, train_state_shardings
 from lumina_jax.training import train_step as ts
-from lumina_jax.training.checkpointing import PreemptionFlag, TrainCheckpointer, select_data_state
+from lumina_jax.training.train_checkpoint import PreemptionFlag, TrainCheckpointer, select_data_state
 from lumina_jax.training.config import TrainConfig
-from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from lumina_jax.training.synthetic import SyntheticBatches
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ def resolve_model_config(cfg: TrainConfig) -> ChameleonConfig:
     """The experiment's model config; with checkpoint.init_from, the architecture comes from its config.json."""
     if not cfg.checkpoint.init_from:
         return cfg.model
-    stored = ChameleonConfig.from_dict(ckpt_io.read_json(cfg.checkpoint.init_from, "config.json"))
+    stored = ChameleonConfig.from_dict(param_checkpoint.read_json(cfg.checkpoint.init_from, "config.json"))
     return stored.replace(**{f: getattr(cfg.model, f) for f in TRAINING_MODEL_FIELDS})
 
 
@@ -72,7 +75,6 @@ def make_data_iterator(cfg: TrainConfig, model_cfg: ChameleonConfig):
     if not d.config_path:
         return SyntheticBatches(seed=d.seed, global_batch_size=d.global_batch_size, seq_len=d.seq_len,
                                 vocab=d.synthetic_vocab or model_cfg.vocab_size, shard_index=index, shard_count=count)
-    from lumina_jax.data.pipeline import make_train_iterator
     return make_train_iterator(d.config_path, seq_len=d.seq_len, batch_size=local, seed=d.seed, shard_index=index,
                                shard_count=count, packing=d.packing, pad_multiple=d.pad_multiple)
 
@@ -97,12 +99,6 @@ def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def flops_per_token(model_cfg: ChameleonConfig, n_params: int, seq_len: int) -> float:
-    """6 N (matmuls, forward + backward, embedding lookup excluded) + 12 L D T (attention scores)."""
-    n = n_params - model_cfg.vocab_size * model_cfg.hidden_size
-    return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * seq_len
-
-
 def peak_flops_per_device(cfg: TrainConfig) -> float:
     if cfg.log.peak_tflops_per_device > 0:
         return cfg.log.peak_tflops_per_device * 1e12
@@ -125,7 +121,6 @@ class MetricsWriter:
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.jsonl = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
         if cfg.log.tensorboard:
-            from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
 
     def step(self, step: int, metrics: dict, write_tb: bool) -> None:
@@ -160,20 +155,10 @@ class Run:
 
 def setup(cfg: TrainConfig) -> Run:
     model_cfg = resolve_model_config(cfg)
-    mesh = sharding.make_mesh(cfg.parallel.mesh)
-    if cfg.parallel.rules not in sharding.RULE_SETS:
-        raise ValueError(f"parallel.rules={cfg.parallel.rules!r} is unknown; known: {sorted(sharding.RULE_SETS)}")
-    rules = sharding.RULE_SETS[cfg.parallel.rules]
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.data.global_batch_size // cfg.parallel.grad_accum_steps
-    if micro % batch_shards:
-        raise ValueError(f"micro-batch of {micro} rows (data.global_batch_size / parallel.grad_accum_steps) does not "
-                         f"divide over the {batch_shards} batch shards (data x fsdp) of mesh {dict(mesh.shape)}")
-    tx = make_optimizer(cfg.optimizer, cfg.total_steps)
-    ctx = ts.StepContext(model_cfg, cfg.loss, tx, learning_rate_schedule(cfg.optimizer, cfg.total_steps),
-                         cfg.parallel.grad_accum_steps, mesh, rules)
-    params_sharding = sharding.param_shardings(None, model_cfg, mesh, rules)
-    shardings = ts.state_shardings(ctx, ts.abstract_state(ctx, cfg.seed), params_sharding)
+    mesh = ts.make_mesh(cfg)
+    ts.check_micro_batch(cfg, mesh)
+    ctx = ts.make_context(cfg, mesh, model_cfg)
+    shardings = train_state_shardings(model_cfg, ctx.tx, mesh, ctx.rules)
     checkpointer = TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"),
                                      save_interval_steps=cfg.checkpoint.save_interval_steps,
                                      max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
@@ -182,18 +167,18 @@ def setup(cfg: TrainConfig) -> Run:
     latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
     if latest is not None:
         log.info("resuming from step %d in %s", latest, checkpointer.directory)
-        target = ts.with_shardings(ts.abstract_state(ctx, cfg.seed), shardings)
+        target = abstract_train_state(model_cfg, ctx.tx, mesh, ctx.rules)
         state, data_state = checkpointer.restore(latest, target)
         restore_data_state(data, data_state)
         start = int(latest)
     elif cfg.checkpoint.init_from:
-        params = sharding.load_params_sharded(cfg.checkpoint.init_from, model_cfg, mesh, rules)
+        params = restore_params(cfg.checkpoint.init_from, model_cfg, mesh, ctx.rules)
         if cfg.checkpoint.zero_image_lm_head:
-            params = zero_image_lm_head(params, model_cfg, params_sharding)
-        state = ts.init_state(ctx, shardings, cfg.seed, params=params)
+            params = zero_image_lm_head(params, model_cfg, shardings["params"])
+        state = init_train_state(model_cfg, ctx.tx, mesh, ctx.rules, cfg.seed, params=params)
         start = 0
     else:
-        state = ts.init_state(ctx, shardings, cfg.seed)
+        state = init_train_state(model_cfg, ctx.tx, mesh, ctx.rules, cfg.seed)
         start = 0
     sharding.check_replication(state["params"])
     return Run(cfg, ctx, shardings, state, ts.jit_train_step(ctx, shardings), data, checkpointer, start)
@@ -221,15 +206,35 @@ def _check_finite(step: int, metrics: dict, checkpointer: TrainCheckpointer) -> 
                              f"stopped without saving this state (last good checkpoint: {where})")
 
 
-def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
-    """Runs (or resumes) `cfg`; returns {"step", "history": [metrics per step run here], "stopped_by_signal"}."""
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    step: int  # the last step run; its checkpoint is the newest
+    stopped_by_signal: bool  # SIGTERM / preemption: saved at `step` and stopped before the end
+    history: list[dict]  # metrics of every step run in this call, in order ({"step", "loss", ...})
+    state: Any  # the final train state (sharded jax arrays)
+    run: Run  # what `setup` built (context, mesh, data iterator, checkpointer)
+
+    @property
+    def params(self) -> Any:
+        return self.state["params"]
+
+    @property
+    def model_config(self) -> ChameleonConfig:
+        return self.run.ctx.model_config
+
+
+def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> TrainResult:
+    """Runs (or resumes) `cfg`, for at most `max_steps` steps in this call; saves every
+    `checkpoint.save_interval_steps`, at the last step and on SIGTERM."""
     if not cfg.output_dir:
         raise ValueError("output_dir is empty: set output_dir=<dir> (checkpoints and logs go there)")
     run = setup(cfg)
     preempt = PreemptionFlag()
     writer = MetricsWriter(cfg)
     n_params = count_params(run.state["params"])
-    fpt = flops_per_token(run.ctx.model_config, n_params, cfg.data.seq_len)
+    fpt = train_flops_per_token(run.ctx.model_config, cfg.data.seq_len)
     peak = peak_flops_per_device(cfg) * jax.device_count()
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, run.start_step + max_steps)
     is_main = jax.process_index() == 0
@@ -241,12 +246,13 @@ def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
     state, history, stopped = run.state, [], False
     step = run.start_step
     window = {"tokens": 0.0, "start": time.perf_counter()}
-    interval = max(cfg.checkpoint.save_interval_steps, 1)
-    # multi-process: the preemption flag is agreed on with a collective, so only every few steps
-    check_every = 1 if jax.process_count() == 1 else max(cfg.checkpoint.preemption_check_steps, 1)
+    pending = None  # (step, metrics on device) not yet fetched
 
-    def record(done_step: int, device_metrics) -> None:
-        """Fetches a step's metrics (normally one step late, while the next step runs), checks, logs."""
+    def record() -> None:
+        """Fetches the pending step's metrics (normally one step late, while the next step runs), checks, logs."""
+        nonlocal pending
+        done_step, device_metrics = pending
+        pending = None
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         _check_finite(done_step, metrics, run.checkpointer)
         now = time.perf_counter()
@@ -262,7 +268,12 @@ def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
                             lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update(1)
 
-    pending = None  # (step, metrics on device) not yet fetched
+    def save(done_step: int, force: bool) -> None:
+        """Saves the state of `done_step`, once it is known fit to save (its metrics are fetched and checked
+        first, so nothing non-finite is ever written)."""
+        record()
+        run.checkpointer.save(done_step, state, run.data.get_state(), cfg.to_dict(), force=force)
+
     try:
         while step < end:
             local = next(run.data)
@@ -270,22 +281,21 @@ def train(cfg: TrainConfig, *, max_steps: Optional[int] = None) -> dict:
             state, metrics = run.step_fn(state, batch)  # dispatched asynchronously
             step += 1
             if pending is not None:
-                record(*pending)
+                record()
             pending = (step, metrics)
-            stop = step % check_every == 0 and preempt.should_stop()
-            if stop or step == end or step % interval == 0:
-                record(*pending)  # nothing non-finite is ever saved
-                pending = None
-                run.checkpointer.save(step, state, run.data.get_state(), cfg.to_dict(), force=True)
-            if stop:
-                stopped = True
+            stopped = preempt.reached(step)
+            if stopped or step == end:  # outside the interval policy: forced
+                save(step, force=True)
+            elif run.checkpointer.should_save(step):
+                save(step, force=False)
+            if stopped:
                 log.warning("stopping at step %d on a signal; checkpoint saved", step)
                 break
         if pending is not None:
-            record(*pending)
+            record()
     finally:
         bar.close()
         writer.close()
         run.checkpointer.close()
         preempt.restore_handlers()
-    return {"step": step, "history": history, "stopped_by_signal": stopped, "state": state, "run": run}
+    return TrainResult(step=step, stopped_by_signal=stopped, history=history, state=state, run=run)

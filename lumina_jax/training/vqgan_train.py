@@ -1,140 +1,129 @@
-"""Train a small VQGAN of Chameleon's layout on the synthetic shapes set (the demo model's image tokenizer).
+"""VQGAN training for any image source: straight-through quantizer, codebook updates, dead-code restarts.
 
-    python -m lumina_jax.training.vqgan_train --out ckpts/demo_vqgan            # defaults: the demo recipe
-    python -m lumina_jax.training.vqgan_train --out runs/vq --steps 200 --n-embed 256
-
-The model is `lumina_jax.models.vqgan.VQGAN` (ch_mult 1,1,2,2,4: 16x downsampling, mid attention) at a
-reduced width with a small codebook. Images are rendered on the fly from the training split of
-`lumina_jax.demo.shapes` (held-out colour-shape combinations are never seen), one image size per step,
-cycling through `--train-sizes`. The loss is
+The model is `lumina_jax.models.vqgan.VQGAN` (Chameleon's layout: ch_mult 1,1,2,2,4, 16x downsampling, mid
+attention) at a configurable width and codebook size. `train(cfg, batches)` runs the jitted step on the
+images `batches(step)` returns, one image size per step, cycling through `cfg.train_sizes`; the demo model's
+tokenizer is trained this way on generated shapes (`lumina_jax.demo.vqgan`). The loss is
 
     l1 * |x - x'| + l2 * (x - x')^2 + beta * (z - sg(e))^2     (+ codebook * (sg(z) - e)^2 with 'grad')
 
 with the straight-through estimator from the quantized code e back to the encoder output z. By default
-(`--codebook-update ema`) each code is the moving average of the encoder outputs assigned to it; 'grad'
-moves the codes by Adam on the codebook term instead. GroupNorm uses `--norm-groups` groups (8: taming's
+(`codebook_update="ema"`) each code is the moving average of the encoder outputs assigned to it; 'grad'
+moves the codes by Adam on the codebook term instead. GroupNorm uses `norm_groups` groups (8: taming's
 32 would be one channel per group at ch 32, an instance norm that erases flat colours). Codebook usage
-is tracked as an exponential moving average of the code frequencies; every `--restart-every` steps (also at
-step 0, which initialises the codebook from data) codes used less than `--dead-fraction` of uniform are
-re-initialised from random encoder outputs of the batch. Restarts stop after `--restart-until` of training,
+is tracked as an exponential moving average of the code frequencies; every `restart_every` steps (also at
+step 0, which initialises the codebook from data) codes used less than `dead_fraction` of uniform are
+re-initialised from random encoder outputs of the batch. Restarts stop after `restart_until` of training,
 so the decoder settles on the final codebook.
 
-Output: a VQGAN checkpoint directory (`params/` + `vqgan_config.json`, read by
-`lumina_jax.image_tokenizer.ImageTokenizer.from_checkpoint`) plus `train_report.json`: losses, codebook
-usage and perplexity, reconstruction error and the shapes analysis of reconstructed held-out images.
+`save_checkpoint` writes a VQGAN checkpoint directory (`params/` + `vqgan_config.json`, read by
+`lumina_jax.image_tokenizer.ImageTokenizer.from_checkpoint`) plus `train_report.json`; `reconstruct`
+measures pixel error and codebook usage of a trained tokenizer.
 
 Differences from the reference (taming-transformers VQModel training): no LPIPS perceptual loss and no
 patch discriminator (their weights would have to be downloaded; flat synthetic images do not need them);
 an L1 + L2 pixel loss instead; moving-average codes by default (taming trains them by gradient; with 'grad'
 the non-legacy VQ loss, beta weighting the commitment term); GroupNorm groups configurable (taming: 32);
-dead-code restarts (taming has none); Adam with warm-up and cosine decay; batches are generated, not read.
+dead-code restarts (taming has none); Adam with warm-up and cosine decay; batches come from a function, not
+a dataset reader.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
-import sys
 import time
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
+from tqdm import tqdm
+
+from lumina_jax import param_checkpoint
+from lumina_jax.image_tokenizer import CONFIG_FILE, preprocess, to_uint8
+from lumina_jax.models.vqgan import VQGAN, VQGANConfig, init_params, nearest_codes
 
 REPORT_FILE = "train_report.json"
 
 
-def _f(default, help: str):
+def flag_field(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
 class VQGANTrainConfig:
-    """Everything a run depends on; each field is also a command-line flag (--field-name)."""
+    """Model, image sizes, optimisation and codebook settings of a run; the fields document the demo's flags."""
 
     # model (VQGANConfig fields; ch_mult is fixed to Chameleon's (1, 1, 2, 2, 4))
-    ch: int = _f(32, "base channels (a multiple of --norm-groups); levels get ch * (1,1,2,2,4)")
-    norm_groups: int = _f(8, "GroupNorm groups (taming/Chameleon: 32 at ch 128, 4 channels per group); keep several "
-                             "channels per group: at one the norm removes each channel's mean, i.e. flat colours")
-    num_res_blocks: int = _f(1, "ResnetBlocks per encoder level (decoder levels get one more); Chameleon uses 2")
-    z_channels: int = _f(64, "encoder output / decoder input channels")
-    embed_dim: int = _f(16, "code vector width")
-    n_embed: int = _f(512, "codebook size (number of codes)")
-    # data
-    train_sizes: str = _f("64x64,128x32,32x128,128x128",
-                          "WxH image sizes cycled step by step (each is compiled once), multiples of 16")
-    batch_pixels: int = _f(16384, "pixels per step: a step at size WxH takes max(1, batch_pixels // (W*H)) images "
-                                  "(rounded down to a multiple of num_devices), so every step costs about the same")
-    min_extent: float = _f(0.5, "smallest shape side / min(W, H) of the training images")
-    max_extent: float = _f(0.85, "largest shape side / min(W, H) of the training images")
-    position_jitter: float = _f(0.6, "shape offset from the centre as a fraction of the free room")
+    ch: int = flag_field(32, "base channels (a multiple of --norm-groups); levels get ch * (1,1,2,2,4)")
+    norm_groups: int = flag_field(8, "GroupNorm groups (taming/Chameleon: 32 at ch 128, 4 channels per group); keep "
+                                     "several channels per group: at one the norm removes each channel's mean, i.e. "
+                                     "flat colours")
+    num_res_blocks: int = flag_field(1, "ResnetBlocks per encoder level (decoder levels get one more); Chameleon: 2")
+    z_channels: int = flag_field(64, "encoder output / decoder input channels")
+    embed_dim: int = flag_field(16, "code vector width")
+    n_embed: int = flag_field(512, "codebook size (number of codes)")
+    # image sizes and batch
+    train_sizes: str = flag_field("64x64,128x32,32x128,128x128",
+                                  "WxH image sizes cycled step by step (each is compiled once), multiples of 16")
+    batch_pixels: int = flag_field(16384, "pixels per step: a step at size WxH takes max(1, batch_pixels // (W*H)) "
+                                          "images (rounded down to a multiple of num_devices), so every step costs "
+                                          "about the same")
     # optimisation
-    steps: int = _f(1000, "optimizer steps")
-    lr: float = _f(6e-4, "peak Adam learning rate")
-    warmup_steps: int = _f(100, "linear warm-up steps")
-    final_lr_fraction: float = _f(0.1, "cosine decay ends at this fraction of lr")
-    b1: float = _f(0.5, "Adam beta1 (taming's VQGAN uses 0.5)")
-    b2: float = _f(0.9, "Adam beta2 (taming's VQGAN uses 0.9)")
-    clip_grad_norm: float = _f(1.0, "global gradient-norm clipping; 0 disables")
-    l1_weight: float = _f(1.0, "weight of the mean absolute pixel error (pixels in [-1, 1])")
-    l2_weight: float = _f(1.0, "weight of the mean squared pixel error")
-    codebook_update: str = _f("ema", "how codes move: 'ema' (each code is the moving average of the encoder outputs "
-                                     "assigned to it) or 'grad' (Adam on the codebook loss)")
-    ema_decay: float = _f(0.95, "decay per step of the 'ema' code averages")
-    codebook_weight: float = _f(1.0, "weight of the codebook loss (sg(z) - e)^2 ('grad' update only)")
-    beta: float = _f(0.25, "weight of the commitment loss (z - sg(e))^2")
+    steps: int = flag_field(1000, "optimizer steps")
+    lr: float = flag_field(6e-4, "peak Adam learning rate")
+    warmup_steps: int = flag_field(100, "linear warm-up steps")
+    final_lr_fraction: float = flag_field(0.1, "cosine decay ends at this fraction of lr")
+    b1: float = flag_field(0.5, "Adam beta1 (taming's VQGAN uses 0.5)")
+    b2: float = flag_field(0.9, "Adam beta2 (taming's VQGAN uses 0.9)")
+    clip_grad_norm: float = flag_field(1.0, "global gradient-norm clipping; 0 disables")
+    l1_weight: float = flag_field(1.0, "weight of the mean absolute pixel error (pixels in [-1, 1])")
+    l2_weight: float = flag_field(1.0, "weight of the mean squared pixel error")
+    codebook_update: str = flag_field("ema", "how codes move: 'ema' (each code is the moving average of the encoder "
+                                             "outputs assigned to it) or 'grad' (Adam on the codebook loss)")
+    ema_decay: float = flag_field(0.95, "decay per step of the 'ema' code averages")
+    codebook_weight: float = flag_field(1.0, "weight of the codebook loss (sg(z) - e)^2 ('grad' update only)")
+    beta: float = flag_field(0.25, "weight of the commitment loss (z - sg(e))^2")
     # codebook usage
-    usage_decay: float = _f(0.99, "decay of the moving average of code frequencies, per step")
-    restart_every: int = _f(50, "steps between dead-code restarts (0 disables restarts)")
-    dead_fraction: float = _f(0.03, "a code is dead when its average frequency is below this fraction of 1/n_embed")
-    restart_until: float = _f(0.8, "no restarts after this fraction of the steps")
-    restart_noise: float = _f(0.01, "std of the noise added to encoder outputs copied into dead codes")
+    usage_decay: float = flag_field(0.99, "decay of the moving average of code frequencies, per step")
+    restart_every: int = flag_field(50, "steps between dead-code restarts (0 disables restarts)")
+    dead_fraction: float = flag_field(0.03, "a code is dead when its average frequency is below this fraction of "
+                                            "1/n_embed")
+    restart_until: float = flag_field(0.8, "no restarts after this fraction of the steps")
+    restart_noise: float = flag_field(0.01, "std of the noise added to encoder outputs copied into dead codes")
     # run
-    seed: int = _f(0, "seed of parameters, images and restarts")
-    num_devices: int = _f(1, "devices the batch is split over (a 'data' mesh axis); 1 = no split")
-    log_every: int = _f(50, "steps between loss read-outs (progress bar postfix and the report's history)")
-    eval_target_sizes: str = _f("64,128", "UniRep target sizes whose crop lists the held-out evaluation uses")
-    eval_per_size: int = _f(6, "held-out images per evaluation size")
+    seed: int = flag_field(0, "seed of parameters, images and restarts")
+    num_devices: int = flag_field(1, "devices the batch is split over (a 'data' mesh axis); 1 = no split")
+    log_every: int = flag_field(50, "steps between loss read-outs (progress bar postfix and the report's history)")
 
     def __post_init__(self):
+        who = type(self).__name__
         if self.norm_groups < 1 or self.ch < 1 or self.ch % self.norm_groups:
-            raise ValueError(f"VQGANTrainConfig: ch={self.ch} must be a positive multiple of norm_groups={self.norm_groups}")
+            raise ValueError(f"{who}: ch={self.ch} must be a positive multiple of norm_groups={self.norm_groups}")
         for name in ("num_res_blocks", "z_channels", "embed_dim", "n_embed", "batch_pixels", "steps", "num_devices",
                      "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"VQGANTrainConfig: {name}={getattr(self, name)} must be >= 1")
+                raise ValueError(f"{who}: {name}={getattr(self, name)} must be >= 1")
         if self.codebook_update not in ("ema", "grad"):
-            raise ValueError(f"VQGANTrainConfig: codebook_update={self.codebook_update!r} must be 'ema' or 'grad'")
+            raise ValueError(f"{who}: codebook_update={self.codebook_update!r} must be 'ema' or 'grad'")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"VQGANTrainConfig: ema_decay={self.ema_decay} must be in [0, 1)")
+            raise ValueError(f"{who}: ema_decay={self.ema_decay} must be in [0, 1)")
         self.sizes  # validates train_sizes
-        self.eval_sizes  # validates eval_target_sizes
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
         return parse_sizes(self.train_sizes)
-
-    @property
-    def eval_sizes(self) -> list[tuple[int, int]]:
-        from lumina_jax.unirep import crop_size_list
-
-        out = []
-        for t in self.eval_target_sizes.split(","):
-            try:
-                target = int(t)
-            except ValueError:
-                raise ValueError(f"VQGANTrainConfig: eval_target_sizes entry {t!r} is not an integer") from None
-            out += [s for s in crop_size_list(target) if s not in out]
-        return out
 
     def batch_size(self, size: tuple[int, int]) -> int:
         """Images per step at `size` (W, H)."""
         b = max(1, self.batch_pixels // (size[0] * size[1]))
         return max(self.num_devices, b - b % self.num_devices)
 
-    def vqgan_config(self):
-        from lumina_jax.models.vqgan import VQGANConfig
-
+    def vqgan_config(self) -> VQGANConfig:
         res = max(max(s) for s in self.sizes)
         return VQGANConfig(embed_dim=self.embed_dim, n_embed=self.n_embed, z_channels=self.z_channels,
                            resolution=res, ch=self.ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=self.num_res_blocks,
@@ -156,46 +145,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------------------
-def training_batch(cfg: VQGANTrainConfig, step: int) -> np.ndarray:
-    """(B, H, W, 3) float32 in [-1, 1]: training-split shapes at size `sizes[step % len(sizes)]`, seeded by (seed, step).
-
-    B = `cfg.batch_size(size)`."""
-    from lumina_jax.demo import shapes
-    from lumina_jax.image_tokenizer import preprocess
-
-    size = cfg.sizes[step % len(cfg.sizes)]
-    rng = np.random.default_rng([cfg.seed, 3, step])
-    out = []
-    for _ in range(cfg.batch_size(size)):
-        spec = shapes.sample_spec(rng, [size], "train")
-        layout = shapes.sample_layout(*size, rng, cfg.min_extent, cfg.max_extent, cfg.position_jitter)
-        out.append(preprocess(shapes.render(spec, layout)))
-    return np.stack(out)
-
-
-def heldout_images(sizes: Sequence[tuple[int, int]], per_size: int, seed: int = 7) -> list[tuple[Any, Any]]:
-    """(spec, PIL image) pairs of held-out combinations, `per_size` at each size, default layouts of the set."""
-    from lumina_jax.demo import shapes
-
-    d = shapes.SetConfig()
-    out = []
-    for k, size in enumerate(sizes):
-        rng = np.random.default_rng([seed, k])
-        for _ in range(per_size):
-            spec = shapes.sample_spec(rng, [size], "held_out")
-            layout = shapes.sample_layout(*size, rng, d.min_extent, d.max_extent, d.position_jitter)
-            out.append((spec, shapes.render(spec, layout)))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
 # training step (pure functions)
 # ---------------------------------------------------------------------------------------------------------
 def make_optimizer(cfg: VQGANTrainConfig):
-    import optax
-
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
                                                end_value=cfg.lr * cfg.final_lr_fraction)
     parts = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm > 0 else []
@@ -208,11 +160,6 @@ def quantize(z, embedding):
     z_st equals embedding[codes] in the forward pass; its gradient flows unchanged to z. The codebook loss
     mean((sg(z) - e)^2) trains the codes, the commitment loss mean((z - sg(e))^2) the encoder.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from lumina_jax.models.vqgan import nearest_codes
-
     sg = jax.lax.stop_gradient
     codes = nearest_codes(z, sg(embedding))
     e = jnp.take(embedding, codes, axis=0)
@@ -223,10 +170,6 @@ def quantize(z, embedding):
 
 def vq_losses(model, params, images, cfg: VQGANTrainConfig):
     """(loss, (metrics, codes, latents)) of one batch: pixel losses through the straight-through estimator."""
-    import jax.numpy as jnp
-
-    from lumina_jax.models.vqgan import VQGAN
-
     z = model.apply({"params": params}, images, method=VQGAN.encode_latents)  # (B, h, w, D) float32
     z_st, codes, codebook, commit = quantize(z, params["quantize"]["embedding"])
     recon = model.apply({"params": params}, z_st, method=VQGAN.decode_latents)
@@ -244,9 +187,6 @@ def ema_codebook(ema_count, ema_sum, embedding, codes, latents, decay: float):
     ema_count[i] and ema_sum[i] average, with `decay` per step, how many encoder outputs chose code i and
     their sum; a code becomes ema_sum / ema_count. A code nobody chooses keeps its vector (both decay alike).
     """
-    import jax
-    import jax.numpy as jnp
-
     n = embedding.shape[0]
     flat = latents.reshape(-1, latents.shape[-1]).astype(jnp.float32)
     idx = codes.reshape(-1)
@@ -264,9 +204,6 @@ def restart_dead_codes(embedding, usage, latents, key, cfg: VQGANTrainConfig):
 
     Returns (embedding, usage, number restarted); restarted codes get usage 1 / n_embed (a grace period).
     """
-    import jax
-    import jax.numpy as jnp
-
     n = embedding.shape[0]
     flat = latents.reshape(-1, latents.shape[-1])
     k1, k2 = jax.random.split(key)
@@ -284,11 +221,6 @@ def make_train_step(cfg: VQGANTrainConfig, batch_sharding=None, replicated=None)
 
     Cached per config, so repeated runs of the same config (tests, resumed sessions) compile once.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from lumina_jax.models.vqgan import VQGAN
-
     model, optimizer = VQGAN(cfg.vqgan_config()), make_optimizer(cfg)
 
     restart_last = int(cfg.restart_until * cfg.steps)
@@ -332,10 +264,6 @@ def make_train_step(cfg: VQGANTrainConfig, batch_sharding=None, replicated=None)
 
 
 def init_state(cfg: VQGANTrainConfig, optimizer):
-    import jax.numpy as jnp
-
-    from lumina_jax.models.vqgan import init_params
-
     params = init_params(cfg.vqgan_config(), cfg.seed)
     # zero usage: the restart at step 0 fills the whole codebook with encoder outputs (data-dependent init)
     emb = params["quantize"]["embedding"]
@@ -344,24 +272,19 @@ def init_state(cfg: VQGANTrainConfig, optimizer):
 
 
 def _mesh_shardings(cfg: VQGANTrainConfig):
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     if cfg.num_devices == 1:
         return None, None
     devices = jax.devices()
     if len(devices) < cfg.num_devices:
-        raise ValueError(f"VQGANTrainConfig: num_devices={cfg.num_devices} but only {len(devices)} devices exist")
+        raise ValueError(f"{type(cfg).__name__}: num_devices={cfg.num_devices} but only {len(devices)} devices exist")
     mesh = jax.make_mesh((cfg.num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=devices[:cfg.num_devices])
-    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
 
 
-def train(cfg: VQGANTrainConfig, progress: bool = True) -> tuple[dict, dict]:
-    """Runs the training; returns (params as numpy, report dict without the evaluation)."""
-    import jax
-    from tqdm import tqdm
-
+def train(cfg: VQGANTrainConfig, batches: Callable[[int], np.ndarray], progress: bool = True) -> tuple[dict, dict]:
+    """Runs the training on `batches(step)` ((B, H, W, 3) float32 in [-1, 1], B = `cfg.batch_size` of the step's
+    size); returns (params as numpy, report dict)."""
     batch_sharding, replicated = _mesh_shardings(cfg)
     step_fn = make_train_step(cfg, batch_sharding, replicated)
     state = init_state(cfg, make_optimizer(cfg))
@@ -371,7 +294,7 @@ def train(cfg: VQGANTrainConfig, progress: bool = True) -> tuple[dict, dict]:
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="vqgan", unit="step", disable=not progress)
     for step in bar:
-        images = training_batch(cfg, step)  # generated while the previous step runs (async dispatch)
+        images = batches(step)  # produced while the previous step runs (async dispatch)
         if batch_sharding is not None:
             images = jax.device_put(images, batch_sharding)
         state, metrics = step_fn(state, images, np.int32(step))
@@ -392,27 +315,20 @@ def train(cfg: VQGANTrainConfig, progress: bool = True) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# evaluation
+# evaluation and output
 # ---------------------------------------------------------------------------------------------------------
-def evaluate(tokenizer, pairs: Sequence[tuple[Any, Any]], progress: bool = False) -> dict:
-    """Reconstruct each image through the tokenizer; report pixel error, codebook usage and analysis accuracy.
+def reconstruct(tokenizer, images: Sequence[Image.Image], progress: bool = False) -> tuple[list[Image.Image], dict]:
+    """Encodes and decodes each image through `tokenizer` (images of one size together).
 
-    `pairs` are (ShapeSpec, PIL image). Images of the same size are encoded together.
-    """
-    from tqdm import tqdm
-
-    from lumina_jax.eval.shape_analysis import accuracy
-    from lumina_jax.image_tokenizer import preprocess, to_uint8
-
+    Returns the reconstructions, in order, and the figures: pixel error (uint8 scale), PSNR, codebook usage
+    and the perplexity of the codes used."""
     by_size: dict[tuple[int, int], list[int]] = {}
-    for i, (spec, _) in enumerate(pairs):
-        by_size.setdefault(spec.size, []).append(i)
-    recon: list[Any] = [None] * len(pairs)
+    for i, im in enumerate(images):
+        by_size.setdefault(im.size, []).append(i)
+    recon: list = [None] * len(images)
     codes_all, abs_err, sq_err, npix = [], 0.0, 0.0, 0
-    from PIL import Image
-
-    for size, idx in tqdm(by_size.items(), desc="eval sizes", disable=not progress):
-        x = np.stack([preprocess(pairs[i][1]) for i in idx])
+    for idx in tqdm(by_size.values(), desc="eval sizes", disable=not progress):
+        x = np.stack([preprocess(images[i]) for i in idx])
         codes = np.asarray(tokenizer.encode(x))
         out = to_uint8(np.asarray(tokenizer.decode(codes)))
         codes_all.append(codes.reshape(-1))
@@ -427,75 +343,16 @@ def evaluate(tokenizer, pairs: Sequence[tuple[Any, Any]], progress: bool = False
     freq = np.bincount(codes, minlength=n) / codes.size
     nz = freq[freq > 0]
     mse = sq_err / npix
-    return {
-        "images": len(pairs), "codes_used": int((freq > 0).sum()), "codebook_size": n,
+    return recon, {
+        "images": len(images), "codes_used": int((freq > 0).sum()), "codebook_size": n,
         "codebook_usage": float((freq > 0).mean()), "code_perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
         "mean_abs_error_uint8": abs_err / npix, "psnr_db": float(10 * math.log10(255.0 ** 2 / max(mse, 1e-12))),
-        "analysis_accuracy": accuracy([(spec, im) for (spec, _), im in zip(pairs, recon)]),
-        "analysis_accuracy_originals": accuracy(list(pairs)),
     }
 
 
 def save_checkpoint(out: str, params: dict, cfg: VQGANTrainConfig, report: dict, overwrite: bool = False) -> None:
     """Writes params/ + vqgan_config.json + train_report.json atomically."""
-    from lumina_jax import checkpoint
-    from lumina_jax.image_tokenizer import CONFIG_FILE
-
-    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
-        checkpoint.save_params(tmp, params)
-        checkpoint.write_json(tmp, CONFIG_FILE, cfg.vqgan_config().to_dict())
-        checkpoint.write_json(tmp, REPORT_FILE, report)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lumina_jax.training.vqgan_train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-eval", action="store_true", help="skip the held-out reconstruction evaluation")
-    for f in dataclasses.fields(VQGANTrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"{f.metadata['help']} (default: {f.default})")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = VQGANTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VQGANTrainConfig)})
-        from lumina_jax import checkpoint
-
-        if not args.overwrite and __import__("os").path.exists(args.out):
-            raise checkpoint.CheckpointError(f"--out {args.out} already exists (pass --overwrite to replace it)")
-    except (ValueError, RuntimeError) as e:
-        print(f"vqgan_train: {e}", file=sys.stderr)
-        return 2
-    params, report = train(cfg, progress=not args.quiet)
-    if not args.no_eval:
-        from lumina_jax.image_tokenizer import ImageTokenizer
-
-        tok = ImageTokenizer(cfg.vqgan_config(), params)
-        t0 = time.time()
-        report["heldout_eval"] = evaluate(tok, heldout_images(cfg.eval_sizes, cfg.eval_per_size), progress=not args.quiet)
-        report["heldout_eval"]["seconds"] = round(time.time() - t0, 1)
-    save_checkpoint(args.out, params, cfg, report, overwrite=args.overwrite)
-    last = report["history"][-1]
-    print(f"trained {cfg.steps} steps in {report['train_seconds']:.0f}s: loss {last['loss']:.4f}, "
-          f"l1 {last['l1']:.4f}, codes alive {report['codes_alive_at_end']}/{cfg.n_embed}")
-    if "heldout_eval" in report:
-        ev = report["heldout_eval"]
-        acc = ev["analysis_accuracy"]
-        print(f"held-out reconstructions ({ev['images']} images): PSNR {ev['psnr_db']:.1f} dB, "
-              f"codes used {ev['codes_used']}/{ev['codebook_size']} (perplexity {ev['code_perplexity']:.0f}), "
-              f"analysis: background {acc['background']:.1%}, colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
-              f"size {acc['size']:.1%}")
-    print(f"wrote {args.out} ({REPORT_FILE} has the figures)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    with param_checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+        param_checkpoint.save_params(tmp, params)
+        param_checkpoint.write_json(tmp, CONFIG_FILE, cfg.vqgan_config().to_dict())
+        param_checkpoint.write_json(tmp, REPORT_FILE, report)

@@ -1,6 +1,6 @@
 """Deterministic analysis of one shapes image, and accuracy tables over many (prompt spec, image) pairs.
 
-    python -m lumina_jax.eval.shape_analysis image.png [...]     # prints what each image shows
+    python -m lumina_jax.demo.shape_analysis image.png [...]     # prints what each image shows
 
 What an image shows is measured without any model (colours are `lumina_jax.demo.shapes.PALETTE` names):
 - background: the per-channel median of a border ring (width min(W, H)/16, at least 1 px) -> nearest colour;
@@ -148,7 +148,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lumina_jax.eval.shape_analysis",
+    p = argparse.ArgumentParser(prog="python -m lumina_jax.demo.shape_analysis",
                                 description="Print what each image shows: background colour, shape colour, "
                                             "shape kind (with its fill ratio) and size.")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")

@@ -1,5 +1,5 @@
-"""Training checkpoints: an Orbax CheckpointManager over the train state, the data-iterator states and
-the run config, plus a SIGTERM/preemption flag.
+"""Training-run checkpoints: an Orbax CheckpointManager over the train state, the data-iterator states and
+the run config, plus the SIGTERM/preemption flag.
 
 A step directory `<output_dir>/checkpoints/<step>/` holds:
 - `state/`: the train state pytree (params, optimizer state, step, rng), written by all processes,
@@ -9,7 +9,8 @@ A step directory `<output_dir>/checkpoints/<step>/` holds:
 - `config/`: the TrainConfig as JSON (primary process).
 
 Differences from the reference: the optimizer state is saved as global sharded arrays rather than
-per-rank FSDP LOCAL_STATE_DICTs, so resuming does not need the same world size (spec §8 item 18).
+per-rank FSDP LOCAL_STATE_DICTs, so resuming does not need the same world size (docs/reference.md,
+"Optimizer state tied to world size").
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ import threading
 from typing import Any, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,13 @@ class TrainCheckpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+    def should_save(self, step: int) -> bool:
+        """Whether the save policy (every `save_interval_steps`) saves `step`."""
+        return self.manager.should_save(int(step))
 
     def save(self, step: int, state: Any, data_state: Any, config: dict, *, force: bool = False) -> bool:
-        """Saves when `step` is on the interval (or `force`); returns whether a save started."""
+        """Saves when the policy says so, or always with `force` (the last step, a preemption); returns whether a
+        save started."""
         return self.manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataStateSave(data_state),
@@ -157,12 +160,20 @@ def select_data_state(restored: dict, process_index: int, process_count: int) ->
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (and SIGINT when asked); all processes agree on it through `should_stop()`."""
+    """SIGTERM (a preemption notice) -> save a checkpoint and stop, at the same step on every process.
+
+    Several processes: JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`), which
+    jax.distributed.initialize starts with its own SIGTERM notifier and which names one step for all
+    processes without a collective in the loop; no Python handler is installed, since it would replace that
+    notifier. One process: that service does not exist (it answers False without jax.distributed), so a
+    Python SIGTERM handler sets a flag.
+    """
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self._event = threading.Event()
         self._previous = {}
-        if threading.current_thread() is threading.main_thread():
+        self._distributed = jax.process_count() > 1
+        if not self._distributed and threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handler)
 
@@ -170,19 +181,11 @@ class PreemptionFlag:
         log.warning("received signal %d: will save a checkpoint and stop after this step", signum)
         self._event.set()
 
-    def set(self):
-        self._event.set()
-
-    def local(self) -> bool:
+    def reached(self, step: int) -> bool:
+        """True when the run should save `step` and stop; call it at every step (the same steps on every process)."""
+        if self._distributed:
+            return multihost_utils.reached_preemption_sync_point(step)
         return self._event.is_set()
-
-    def should_stop(self) -> bool:
-        """True on every process when any process received the signal (a collective when multi-host)."""
-        flag = self._event.is_set()
-        if jax.process_count() == 1:
-            return flag
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
     def restore_handlers(self):
         for sig, prev in self._previous.items():

@@ -79,12 +79,12 @@ def test_checkpoint_from_fsdp8_restores_on_data2_tensor4(tmp_path, reference):
     shutil.copytree(reference["dir"], copy)
     shutil.rmtree(copy / "checkpoints" / "11")  # resume from step 10
     result = trainer.train(_cfg(copy, "parallel.mesh=data=2,tensor=4"), max_steps=1)
-    run = result["run"]
+    run = result.run
     assert run.start_step == 10 and dict(run.ctx.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
-    kernel = result["state"]["params"]["lm_head"]["kernel"]
+    kernel = result.params["lm_head"]["kernel"]
     assert tuple(kernel.sharding.spec) == ("fsdp", "tensor") and len(kernel.sharding.device_set) == 8
     assert run.data.get_state() == {"next_batch": 11}
     # step 11 on the new mesh has the loss step 11 had on the old one
-    (rec,) = result["history"]
+    (rec,) = result.history
     assert rec["step"] == 11
     np.testing.assert_allclose(rec["loss"], reference["losses"][11], rtol=1e-5)

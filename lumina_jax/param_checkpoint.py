@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -52,7 +52,8 @@ def save_params(directory: str | os.PathLike, params: Any, host_copy: bool = Tru
 
     `host_copy=False` skips Orbax's defensive copy of numpy leaves and writes uncompressed, so saving a
     host-resident model needs one copy of it, not two (the converters use this); the on-disk format is the
-    same. Safe because nothing mutates the arrays while the synchronous save runs.
+    same. Safe because nothing mutates the arrays while the synchronous save runs. Leaves must then be
+    numpy or jax arrays (the registry holds those two handlers only).
     """
     path = Path(directory).absolute() / PARAMS_SUBDIR
     if host_copy:
@@ -60,14 +61,39 @@ def save_params(directory: str | os.PathLike, params: Any, host_copy: bool = Tru
             ckptr.save(path, params)
             ckptr.wait_until_finished()
         return
-    from orbax.checkpoint._src.serialization import type_handler_registry as registry
-
-    handlers = [(ty, h) for ty, h in registry._DEFAULT_TYPE_HANDLERS if ty is not np.ndarray]
-    handlers.append((np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-    handler = ocp.PyTreeCheckpointHandler(
-        use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry(*handlers))
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))
+
+
+def one_line_list(items: Sequence[str], limit: int = 12) -> str:
+    """"[a, b, ... +N more]": a list short enough for a one-line error."""
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... +{len(items) - limit} more' if len(items) > limit else ''}]"
+
+
+def shape_mismatches(have: Mapping[str, Sequence[int]], want: Mapping[str, Sequence[int]]) -> list[str]:
+    """Phrases naming the missing, unexpected and mis-shaped keys of `have` against `want`; [] when they agree.
+
+    The one wording of key errors for every parameter loader and converter, e.g. "missing keys [norm/scale]",
+    "unexpected keys [extra/w]", "wrong shapes [lm_head/kernel [128, 100] (expected [128, 512])]".
+    """
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    wrong = [f"{k} {list(have[k])} (expected {list(want[k])})" for k in want
+             if k in have and tuple(have[k]) != tuple(want[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {one_line_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {one_line_list(sorted(unexpected))}")
+    if wrong:
+        problems.append(f"wrong shapes {one_line_list(wrong)}")
+    return problems
 
 
 def write_json(directory: str | os.PathLike, name: str, obj: Any) -> None:

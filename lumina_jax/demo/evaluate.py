@@ -1,14 +1,14 @@
 """Evaluate a shapes demo model: generate a fixed list of prompts at several guidance scales and score them.
 
-    python -m lumina_jax.eval.shapes                          # the shipped demo weights, guidance 1 and 3
-    python -m lumina_jax.eval.shapes --checkpoint runs/demo/model --guidance 1,3 --per-split 96 --out eval/
-    python -m lumina_jax.eval.shapes --cfg-min-p 0                # guidance exactly as the reference
+    python -m lumina_jax.demo.evaluate                          # the shipped demo weights, guidance 1 and 3
+    python -m lumina_jax.demo.evaluate --checkpoint runs/demo/model --guidance 1,3 --per-split 96 --out eval/
+    python -m lumina_jax.demo.evaluate --cfg-min-p 0                # guidance exactly as the reference
 
 The prompts are `lumina_jax.demo.shapes.eval_specs`: `--per-split` seen and `--per-split` held-out
 colour-shape combinations, their sizes cycling through the crop list of the model's target size. Every
 prompt is generated once per guidance scale with the same seeds (text-to-image template, size tokens
 forced to the requested size, as `infer.py --size` does), all prompts of one scale in one batch. Each
-image is measured by `lumina_jax.eval.shape_analysis` (border colour, dominant inner colour, fill ratio of
+image is measured by `lumina_jax.demo.shape_analysis` (border colour, dominant inner colour, fill ratio of
 the shape's bounding box, size) and the table of accuracies per attribute, split and scale is printed.
 
 Sampling defaults are the demo's (`make demo`): image top-k 16, temperature 1 and, with guidance, the
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-DEMO_CFG_MIN_P = 0.05  # the plausibility floor `make demo` uses with guidance (docs/demo_recipe.md)
+from lumina_jax.inference import DEMO_CFG_MIN_P
+
 PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
 
 
@@ -75,7 +76,7 @@ def evaluate(lm, scales: Sequence[float], per_split: int = PER_SPLIT, seed: int 
     from PIL import Image
 
     from lumina_jax.demo.shapes import eval_specs
-    from lumina_jax.eval.shape_analysis import accuracy_table
+    from lumina_jax.demo.shape_analysis import accuracy_table
 
     specs = eval_specs(lm.target_size, per_split=per_split, seed=spec_seed)
     results = {}
@@ -94,7 +95,7 @@ def evaluate(lm, scales: Sequence[float], per_split: int = PER_SPLIT, seed: int 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lumina_jax.eval.shapes", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lumina_jax.demo.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="assembled model directory (default: the shipped demo weights, lumina_jax/demo_weights)")
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lumina_jax.eval.shape_analysis import format_table
+    from lumina_jax.demo.shape_analysis import format_table
     from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina
 
     try:
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--cfg-min-p {args.cfg_min_p}: must be in [0, 1)")
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
     except (ValueError, InferenceError) as e:
-        print(f"lumina_jax.eval.shapes: {e}", file=sys.stderr)
+        print(f"lumina_jax.demo.evaluate: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     rows = evaluate(lm, scales, args.per_split, args.seed, args.spec_seed, args.image_top_k, args.temperature,

@@ -1,1 +1,0 @@
-"""Evaluation of generated images: the deterministic shapes analysis (`lumina_jax.eval.shape_analysis`)."""
