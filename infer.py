@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                          target_size=args.target_size)
         if size is not None:
             lm.size_to_patches(size)
-        results = lm.generate(prompts, task=args.task, images=images, size=size, cfg=args.cfg,
+        results = lm.generate(prompts, task=args.task, images=images, size=size, guidance=args.cfg,
                               cfg_min_p=args.cfg_min_p, image_top_k=args.image_top_k, text_top_k=args.text_top_k,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               num_images=args.num_images, max_new_tokens=args.max_new_tokens,

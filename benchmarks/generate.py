@@ -4,10 +4,11 @@ Both sides generate one 256x256 image (16x16 latent: 16 * 17 + 1 = 273 body toke
 image top-k 2000, from the same random weights (a transformers Chameleon saved with `save_pretrained` and
 converted with `python -m lumina_jax.convert chameleon`), vocabulary 65536, float32.
 
-Baseline (the reference's design, spec §7 and §8 items 1-3): transformers' `ChameleonModel` + `lm_head`
-with a `DynamicCache`, batch 1; the unconditional branch is a second, separate forward with its own cache,
-run on every image step; the CFG / structure-forcing / interleaved top-k processors run in Python per step
-(recounting image starts/ends over the whole sequence, as the reference does), then softmax + multinomial.
+Baseline (the reference's design, docs/reference.md "Guidance" and "Batch-1 processors"): transformers'
+`ChameleonModel` + `lm_head` with a `DynamicCache`, batch 1; the unconditional branch is a second, separate
+forward with its own cache, run on every image step; the CFG / structure-forcing / interleaved top-k
+processors run in Python per step (recounting image starts/ends over the whole sequence, as the reference
+does), then softmax + multinomial.
 Our sampler: prefill + one jitted `lax.while_loop`, cond and uncond rows in one forward, image-id-only
 output projection and top-k inside images.
 
@@ -183,15 +184,17 @@ def load_ours(model, tmp):
 
 
 def run_ours(cfg, params, prompts, max_new, args):
-    from lumina_jax.sampling import processors as P
+    from lumina_jax.sampling import processors
     from lumina_jax.sampling.decode import ChameleonDecodeModel
     from lumina_jax.sampling.generate import generate_tokens
+    from lumina_jax.tokenizer import SpecialIds
 
-    s = P.SamplingSettings(cfg_scale=args.cfg, image_top_k=args.image_top_k, text_top_k=args.text_top_k,
-                           max_new_tokens=max_new, constrain_size=False)
+    s = processors.SamplingSettings(cfg_scale=args.cfg, image_top_k=args.image_top_k, text_top_k=args.text_top_k,
+                                    max_new_tokens=max_new, constrain_size=False)
+    ids = processors.TokenIds.from_special_ids(SpecialIds.from_layout(IMG_HI - IMG_LO, VOCAB), VOCAB)
     t0, c0 = time.perf_counter(), time.process_time()
     rows = generate_tokens(ChameleonDecodeModel(cfg), params, prompts, seeds=list(range(len(prompts))),
-                           settings=s, ids=P.TokenIds())
+                           settings=s, ids=ids)
     return rows, time.perf_counter() - t0, time.process_time() - c0
 
 

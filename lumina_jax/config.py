@@ -34,8 +34,8 @@ class ChameleonConfig:
     # --- Lumina additions -------------------------------------------------------------------------------
     dropout: float = 0.0  # residual dropout on attention and MLP outputs (training only)
     mask_image_logits: bool = False  # set image-token logits to float32 min (must be False for generation)
-    image_token_start: int = 4  # first image-token id (inclusive)
-    image_token_end: int = 8196  # last image-token id (exclusive)
+    image_token_start: int = 4  # first image-token id (inclusive); must equal the tokenizer's (Lumina.load checks)
+    image_token_end: int = 8196  # last image-token id (exclusive); the model's image mask and the aot tool use it
     z_loss_weight: float = 0.0  # weight of the (logsumexp)^2 auxiliary loss
     # --- numerics and memory ----------------------------------------------------------------------------
     param_dtype: str = "float32"  # storage dtype of parameters

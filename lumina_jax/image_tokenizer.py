@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,30 @@ from lumina_jax.models.vqgan import VQGAN, VQGANConfig, abstract_params
 
 CONFIG_FILE = "vqgan_config.json"
 DTYPES = ("float32", "bfloat16")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_batched_by_shape(items: Sequence[T], shape_of: Callable[[T], Hashable],
+                         fn: Callable[[list[T]], Sequence[R]], max_batch: int | None = None) -> list[R]:
+    """Calls `fn` on lists of items with equal `shape_of(item)`, at most `max_batch` at a time (None: a whole
+    group), and returns its results in the order of `items`; `fn` returns one result per item it is given.
+
+    The VQGAN compiles once per image shape and batch size, so images are encoded and decoded in groups of
+    one shape.
+    """
+    out: list[Any] = [None] * len(items)
+    groups: dict[Hashable, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(shape_of(item), []).append(i)
+    for idx in groups.values():
+        step = max_batch or len(idx)
+        for s in range(0, len(idx), step):
+            chunk = idx[s:s + step]
+            for i, result in zip(chunk, fn([items[i] for i in chunk]), strict=True):
+                out[i] = result
+    return out
 
 
 def whiten_transparency(img: Image.Image) -> Image.Image:
@@ -170,17 +194,8 @@ class ImageTokenizer:
         Images of the same size are encoded together, in batches of at most `max_batch`.
         """
         arrays = [preprocess(im) for im in images]
-        out: list[np.ndarray | None] = [None] * len(arrays)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, a in enumerate(arrays):
-            groups.setdefault(a.shape[:2], []).append(i)
-        for idx in groups.values():
-            for s in range(0, len(idx), max_batch):
-                chunk = idx[s:s + max_batch]
-                codes = np.asarray(self.encode(np.stack([arrays[i] for i in chunk])))
-                for i, c in zip(chunk, codes):
-                    out[i] = c
-        return out  # type: ignore[return-value]
+        encode = lambda chunk: list(np.asarray(self.encode(np.stack(chunk))))
+        return map_batched_by_shape(arrays, lambda a: a.shape[:2], encode, max_batch)
 
     def decode_to_pil(self, codes: Any) -> list[Image.Image] | Image.Image:
         """(B, h, w) codes -> list of PIL RGB images; a single (h, w) grid -> one PIL image."""

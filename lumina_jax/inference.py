@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from lumina_jax import param_checkpoint
-from lumina_jax.sampling import processors as P
+from lumina_jax.sampling import processors
 from lumina_jax.state import restore_params
 from lumina_jax.tasks import get_task
 
@@ -105,7 +105,7 @@ class Lumina:
         self.target_size, self.mesh, self.rules = target_size, mesh, rules
         self.crop_sizes = crop_size_list(target_size)
         self.model = ChameleonDecodeModel(decoder_config)
-        self.ids = P.TokenIds.from_special_ids(special, decoder_config.vocab_size)
+        self.ids = processors.TokenIds.from_special_ids(special, decoder_config.vocab_size)
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -133,6 +133,11 @@ class Lumina:
             cfg = cfg.replace(scan_layers=False, **({"dtype": dtype} if dtype else {}))
             tok = TextTokenizer.load(str(directory / manifest["tokenizer"]))
             special = SpecialIds.from_tokenizer(tok)
+            try:  # the decoder config's image range and vocabulary must agree with the tokenizer's ids
+                special.check_image_range(cfg.image_token_start, cfg.image_token_end, str(dec_dir / "config.json"))
+                processors.TokenIds.from_special_ids(special, cfg.vocab_size)
+            except ValueError as e:
+                raise InferenceError(f"{directory}: decoder and tokenizer disagree: {e}") from None
             from lumina_jax import sharding as S
 
             if mesh is None:
@@ -207,21 +212,22 @@ class Lumina:
             raise InferenceError(str(e)) from None
 
     # ---- generation ------------------------------------------------------------------------------------------
-    def sampling_settings(self, task: str = "t2i", *, cfg: float | None = None, cfg_min_p: float = 0.0,
+    def sampling_settings(self, task: str = "t2i", *, guidance: float | None = None, cfg_min_p: float = 0.0,
                           image_top_k: int | None = None, text_top_k: int | None = None, temperature: float = 1.0,
                           top_p: float = 1.0, max_new_tokens: int = 8192,
-                          constrain_size: bool = True) -> P.SamplingSettings:
+                          constrain_size: bool = True) -> processors.SamplingSettings:
         """The task preset's sampling defaults with the given overrides, checked (InferenceError names the value)."""
         try:
             preset = get_task(task)
         except ValueError as e:
             raise InferenceError(str(e)) from None
-        for name, value in (("cfg", cfg), ("cfg_min_p", cfg_min_p), ("temperature", temperature), ("top_p", top_p)):
+        for name, value in (("guidance", guidance), ("cfg_min_p", cfg_min_p), ("temperature", temperature),
+                            ("top_p", top_p)):
             if value is not None and not math.isfinite(float(value)):
                 raise InferenceError(f"{name} must be a finite number, got {value}")
         try:
-            return P.SamplingSettings(
-                cfg_scale=preset.cfg if cfg is None else float(cfg), cfg_min_p=float(cfg_min_p),
+            return processors.SamplingSettings(
+                cfg_scale=preset.guidance if guidance is None else float(guidance), cfg_min_p=float(cfg_min_p),
                 image_top_k=preset.image_top_k if image_top_k is None else int(image_top_k),
                 text_top_k=preset.text_top_k if text_top_k is None else int(text_top_k),
                 temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
@@ -230,7 +236,7 @@ class Lumina:
             raise InferenceError(str(e)) from None
 
     def generate(self, prompts: Sequence[Any], *, task: str = "t2i", images: Sequence[Sequence[Any]] | None = None,
-                 size: tuple[int, int] | str | None = None, cfg: float | None = None, cfg_min_p: float = 0.0,
+                 size: tuple[int, int] | str | None = None, guidance: float | None = None, cfg_min_p: float = 0.0,
                  image_top_k: int | None = None, text_top_k: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, seeds: Sequence[int] | None = None, num_images: int = 1,
                  max_new_tokens: int = 8192, constrain_size: bool = True, open_image: bool | None = None,
@@ -242,8 +248,9 @@ class Lumina:
         a row's tokens depend only on its prompt, settings and seed, so callers may batch unrelated requests.
         `size` (W, H) forces the size tokens (and fills the t2i template); without it the size tokens are
         limited to the crop list of the target size (`constrain_size=False`: unconstrained, as the reference).
-        `cfg`, `image_top_k`, `text_top_k` default to the task preset's values. `cfg_min_p` > 0 limits guided
-        image steps to codes with conditional probability >= cfg_min_p x the top one's (`SamplingSettings`).
+        `guidance` (the classifier-free guidance scale, 1 = off), `image_top_k`, `text_top_k` default to the
+        task preset's values. `cfg_min_p` > 0 limits guided image steps to codes with conditional probability
+        >= cfg_min_p x the top one's (`SamplingSettings`).
         `open_image` (default: the preset's `answer_is_image`) ends the prompt with <racm3:break> (and the size
         tokens when `size` is given); `token_ids` and `text` of the results include those tokens.
         `progress`: a progress bar on stderr (True), none (False), or `fn(tokens_done, tokens_total)` called
@@ -269,7 +276,7 @@ class Lumina:
             raise InferenceError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         for s in seeds:
             check_seed(s, num_images)
-        settings = self.sampling_settings(task, cfg=cfg, cfg_min_p=cfg_min_p, image_top_k=image_top_k,
+        settings = self.sampling_settings(task, guidance=guidance, cfg_min_p=cfg_min_p, image_top_k=image_top_k,
                                           text_top_k=text_top_k, temperature=temperature, top_p=top_p,
                                           max_new_tokens=max_new_tokens, constrain_size=constrain_size)
         header = self.answer_header(task, size, open_image)

@@ -198,10 +198,11 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
     return logical_sharding(mesh, rules, ("activation_batch", "activation_length"))
 
 
-def cache_shardings(mesh: jax.sharding.Mesh, rules: Rules) -> KVCache:
-    """A KVCache of NamedShardings for `init_cache` outputs (jit out_shardings) or device_put."""
+def cache_shardings(config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules) -> tuple[KVCache, ...]:
+    """The shardings of `init_cache(config, ...)` (one KVCache of NamedShardings per layer), e.g. for jit
+    out_shardings or device_put."""
     s = logical_sharding(mesh, rules, CACHE_AXES)
-    return KVCache(k=s, v=s)
+    return tuple(KVCache(k=s, v=s) for _ in range(config.num_layers))
 
 
 # ---------------------------------------------------------------------------------------------------------

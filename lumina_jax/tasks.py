@@ -23,7 +23,7 @@ class TaskPreset:
     template: str  # human message; {prompt} = user text, {width}/{height} = requested size in px
     input_images: Optional[int]  # images the task takes (None = any number, matched to the placeholders)
     needs_text: bool  # whether the user must give text
-    cfg: float  # guidance scale default
+    guidance: float  # classifier-free guidance scale default (1 = off)
     image_top_k: int  # image top-k default
     text_top_k: int = 10  # text top-k default
     answer_is_image: bool = False  # the answer opens with an image: the prompt ends with <racm3:break> (and size)
@@ -38,14 +38,14 @@ class TaskPreset:
         return self.template.format(prompt=prompt or "", width=width, height=height)
 
 
-_OMNI = dict(input_images=1, cfg=1.0, image_top_k=200)
+_OMNI = dict(input_images=1, guidance=1.0, image_top_k=200)
 _OMNI_IMAGE = dict(_OMNI, answer_is_image=True)
 TASKS: dict[str, TaskPreset] = {t.name: t for t in [
-    TaskPreset("t2i", T2I_TEMPLATE, 0, True, cfg=4.0, image_top_k=2000, answer_is_image=True,
+    TaskPreset("t2i", T2I_TEMPLATE, 0, True, guidance=4.0, image_top_k=2000, answer_is_image=True,
                description="text to image (README settings: cfg 4, image top-k 2000)"),
-    TaskPreset("chat", "{prompt}", None, True, cfg=4.0, image_top_k=2000,
+    TaskPreset("chat", "{prompt}", None, True, guidance=4.0, image_top_k=2000,
                description="the prompt as given; <|image|> marks each input image (understanding, free chat)"),
-    TaskPreset("describe", "Describe the image in detail. " + IMAGE, 1, False, cfg=4.0, image_top_k=2000,
+    TaskPreset("describe", "Describe the image in detail. " + IMAGE, 1, False, guidance=4.0, image_top_k=2000,
                description="image understanding (README prompt)"),
     TaskPreset("segmentation", "Segmentic segmentation. " + IMAGE, needs_text=False, **_OMNI_IMAGE,
                description="Omni: semantic segmentation (reference prompt, misspelling kept)"),

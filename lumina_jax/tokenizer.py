@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 IMAGE_NAME_PREFIX = "IMGIMG"
-NAMES = {  # role -> vocabulary name (spec §3)
+NAMES = {  # role -> vocabulary name: the one table of special tokens (ids come from a vocabulary or the layout below)
     "bos": "<s>",
     "pad": "<pad>",
     "eos": "</s>",
@@ -35,6 +35,13 @@ NAMES = {  # role -> vocabulary name (spec §3)
 }
 SIZE_RESERVED_BASE = 8800  # size token for n patches is `<reserved{8800+n:05d}>`
 MAX_SIZE_PATCHES = 128  # size tokens checked up to this many 32-px patches (4096 px)
+
+# Chameleon's vocabulary layout, which `tokenizer_train` also writes for any number n of image codes:
+# LAYOUT_HEAD at ids 0..3, the n image codes from id 4 (code c at c + 4), LAYOUT_AFTER_IMAGES, then
+# `<reservedNNNNN>` for NNNNN = FIRST_RESERVED, FIRST_RESERVED + 1, ... (with n = 8192: at id NNNNN + 4).
+LAYOUT_HEAD = ("<s>", "<pad>", "</s>", "<unk>")
+LAYOUT_AFTER_IMAGES = ("<eoss>", "<racm3:break>")
+FIRST_RESERVED = 8194
 
 
 class TextTokenizer:
@@ -133,7 +140,8 @@ def parse_image_token_name(name: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """Special token ids and the image-code tables, looked up once by name (docs/reference.md#special-ids).
+    """Special token ids and the image-code tables: looked up once by name in a vocabulary (`from_vocab`), or
+    placed by the layout rule for a model without a tokenizer (`from_layout`); see docs/reference.md#special-ids.
 
     `img2bpe[code]` is the token id of image code `code`; `bpe2img[id]` is the code of token `id` or -1.
     `image_ids_are_offset` says whether the table is the expected `id = code + image_token_start` layout.
@@ -170,6 +178,29 @@ class SpecialIds:
             raise ValueError(f"size of {patches} patches has no size token (1..{self.max_size_patches})")
         return self.size_base + patches
 
+    def check_image_range(self, image_token_start: int, image_token_end: int, source: str) -> None:
+        """Raises ValueError unless [start, end) is exactly this vocabulary's image-token range."""
+        if (image_token_start, image_token_end) != (self.image_token_start, self.image_token_end):
+            raise ValueError(f"{source}: image_token_start/end = [{image_token_start}, {image_token_end}) but the "
+                             f"tokenizer's image tokens are ids [{self.image_token_start}, {self.image_token_end})")
+
+    @classmethod
+    def from_layout(cls, num_image_codes: int, vocab_size: int, compact: bool = False) -> "SpecialIds":
+        """The ids of a vocabulary of `vocab_size` laid out as Chameleon's (see `layout_ids`), for models
+        without a tokenizer file (the aot tool, tests). Chameleon's own: `from_layout(8192, 65536)`."""
+        need = layout_vocab_size(num_image_codes, compact)
+        if num_image_codes < 1 or vocab_size < need:
+            raise ValueError(f"a vocabulary of {vocab_size} ids cannot hold {num_image_codes} image codes in the "
+                             f"{'compact' if compact else 'Chameleon'} layout (it needs at least {need})")
+        ids = layout_ids(num_image_codes, compact)
+        img2bpe = (np.arange(num_image_codes) + len(LAYOUT_HEAD)).astype(np.int32)
+        bpe2img = np.full(vocab_size, -1, np.int32)
+        bpe2img[img2bpe] = np.arange(num_image_codes)
+        return cls(bos=ids["bos"], pad=ids["pad"], eos=ids["eos"], image_start=ids["image_start"],
+                   image_end=ids["image_end"], end_of_turn=ids["end_of_turn"], new_line=ids["new_line"],
+                   size_base=ids["size_base"], max_size_patches=MAX_SIZE_PATCHES, img2bpe=img2bpe, bpe2img=bpe2img,
+                   image_ids_are_offset=True)
+
     @classmethod
     def from_tokenizer(cls, tok: TextTokenizer) -> "SpecialIds":
         return cls.from_vocab(tok.vocab, source=tok.source)
@@ -197,6 +228,37 @@ class SpecialIds:
                    image_end=ids["image_end"], end_of_turn=ids["end_of_turn"], new_line=ids["new_line"],
                    size_base=ids["size_base"], max_size_patches=max_n, img2bpe=img2bpe, bpe2img=bpe2img,
                    image_ids_are_offset=offset)
+
+
+def _reserved_number(name: str) -> int:
+    return int(name[len("<reserved"):-1])
+
+
+def layout_ids(num_image_codes: int, compact: bool = False) -> dict[str, int]:
+    """Role -> id of every role in `NAMES` for a vocabulary laid out as Chameleon's with `num_image_codes` codes.
+
+    `compact=True` keeps only the reserved names the sampler uses (end of turn, new line, the size tokens),
+    packed right after `<racm3:break>`: the layout of the tiny test models, whose vocabularies are too small
+    for the reserved block.
+    """
+    first = len(LAYOUT_HEAD) + num_image_codes + len(LAYOUT_AFTER_IMAGES)  # id of the first reserved name
+    packed = sorted({_reserved_number(n) for n in NAMES.values() if n.startswith("<reserved")})
+    ids = {}
+    for role, name in NAMES.items():
+        if name in LAYOUT_HEAD:
+            ids[role] = LAYOUT_HEAD.index(name)
+        elif name in LAYOUT_AFTER_IMAGES:
+            ids[role] = len(LAYOUT_HEAD) + num_image_codes + LAYOUT_AFTER_IMAGES.index(name)
+        elif compact:
+            ids[role] = first + packed.index(_reserved_number(name))
+        else:
+            ids[role] = first + _reserved_number(name) - FIRST_RESERVED
+    return ids
+
+
+def layout_vocab_size(num_image_codes: int, compact: bool = False) -> int:
+    """The smallest vocabulary that holds the layout's special ids and all MAX_SIZE_PATCHES size tokens."""
+    return layout_ids(num_image_codes, compact)["size_base"] + MAX_SIZE_PATCHES + 1
 
 
 def build_image_tables(vocab: dict[str, int], source: str = "vocabulary") -> tuple[np.ndarray, np.ndarray, bool]:

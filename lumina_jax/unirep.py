@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from lumina_jax.image_tokenizer import map_batched_by_shape, preprocess
 from lumina_jax.tokenizer import SpecialIds
 
 PATCH_SIZE = 32  # pixels per size-token unit; the VQGAN downsamples 16x, so one patch is 2x2 codes
@@ -169,8 +170,6 @@ def unirep_to_codes(tokens: Sequence[int], special: SpecialIds) -> tuple[np.ndar
 def prepare_image(img: Image.Image, crop_sizes: Sequence[tuple[int, int]], rng: np.random.Generator | None = None,
                   random_crop: bool = False) -> np.ndarray:
     """Crop (on the image's own mode, as the reference) then whiten transparency -> (H, W, 3) float32 in [-1, 1]."""
-    from lumina_jax.image_tokenizer import preprocess
-
     return preprocess(var_center_crop(img, crop_sizes, rng=rng, random_crop=random_crop))
 
 
@@ -180,20 +179,13 @@ def encode_arrays(arrays: Sequence[np.ndarray], image_tokenizer, batch_size: int
     A partial last batch is padded to the next power of two (at most `batch_size`), so each image shape
     compiles at most log2(batch_size) + 1 times and padding wastes less than half a batch.
     """
-    out: list[np.ndarray | None] = [None] * len(arrays)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, a in enumerate(arrays):
-        by_shape.setdefault(tuple(a.shape), []).append(i)
-    for shape, idx in by_shape.items():
-        for s in range(0, len(idx), batch_size):
-            part = idx[s:s + batch_size]
-            padded = min(batch_size, 1 << (len(part) - 1).bit_length())
-            batch = np.zeros((padded,) + shape, np.float32)
-            batch[:len(part)] = np.stack([arrays[i] for i in part])
-            codes = np.asarray(image_tokenizer.encode(batch))
-            for j, i in enumerate(part):
-                out[i] = codes[j]
-    return out  # type: ignore[return-value]
+    def encode(part: list[np.ndarray]) -> list[np.ndarray]:
+        padded = min(batch_size, 1 << (len(part) - 1).bit_length())
+        batch = np.zeros((padded,) + part[0].shape, np.float32)
+        batch[:len(part)] = np.stack(part)
+        return list(np.asarray(image_tokenizer.encode(batch))[:len(part)])
+
+    return map_batched_by_shape(arrays, lambda a: tuple(a.shape), encode, batch_size)
 
 
 def images_to_unirep(images: Iterable[Image.Image], image_tokenizer, crop_sizes: Sequence[tuple[int, int]],

@@ -25,7 +25,7 @@ def test_shipped_checkpoint_is_small_and_complete():
 
 
 def _generate(demo, spec):
-    res = demo.generate([spec.caption], size=spec.size, cfg=3.0, cfg_min_p=DEMO_CFG_MIN_P, image_top_k=16, seed=0,
+    res = demo.generate([spec.caption], size=spec.size, guidance=3.0, cfg_min_p=DEMO_CFG_MIN_P, image_top_k=16, seed=0,
                         max_new_tokens=128, progress=False)
     assert res[0].stopped == "end_of_turn" and len(res[0].images) == 1
     return res[0].images[0]
@@ -97,7 +97,7 @@ def _pixels(result):
 
 def test_per_prompt_seeds_give_each_prompt_what_it_gets_alone_bit_for_bit(demo):
     """Prompts with their own seeds in one padded call: tokens and pixels equal those of each prompt alone."""
-    kw = dict(size=(128, 128), cfg=3.0, cfg_min_p=DEMO_CFG_MIN_P, image_top_k=16, max_new_tokens=74, num_images=2,
+    kw = dict(size=(128, 128), guidance=3.0, cfg_min_p=DEMO_CFG_MIN_P, image_top_k=16, max_new_tokens=74, num_images=2,
               pad_rows_to=4)
     reports = []
     both = demo.generate(["a red circle on a blue background", "a white square on a green background"],
@@ -127,7 +127,7 @@ def test_expected_new_tokens_follow_the_image_size(demo):
     (dict(seed=-1), "got -1"),
     (dict(seed=MAX_SEED, num_images=2), "seed must be an integer in [0, 4294967294] (with 2 image(s)"),
     (dict(seeds=[0, 1]), "2 seeds for 1 prompts"),
-    (dict(cfg=float("nan")), "cfg must be a finite number, got nan"),
+    (dict(guidance=float("nan")), "guidance must be a finite number, got nan"),
     (dict(cfg_min_p=float("inf")), "cfg_min_p must be a finite number, got inf"),
     (dict(temperature=float("-inf")), "temperature must be a finite number"),
     (dict(pad_rows_to=0), "pad_rows_to must be >= 1"),

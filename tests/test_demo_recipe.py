@@ -73,7 +73,7 @@ def test_assembled_directory_generates_an_image(smoke_run):
     out, _ = smoke_run
     lm = Lumina.load(out / "model")
     assert lm.target_size == 128
-    res = lm.generate(["a red circle on a blue background"], size=(160, 96), cfg=3.0, image_top_k=8, seed=0,
+    res = lm.generate(["a red circle on a blue background"], size=(160, 96), guidance=3.0, image_top_k=8, seed=0,
                       max_new_tokens=96, progress=False)
     assert res[0].images and res[0].images[0].size == (160, 96)
 

@@ -2,6 +2,7 @@
 formats) -> `convert assemble` -> `infer.py` (PNGs + JSON sidecars), the Python API on an 8-device mesh,
 task presets with input images, and the one-line errors."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,8 +18,7 @@ sys.path.insert(0, str(REPO))
 
 import infer  # noqa: E402
 from lumina_jax.convert.__main__ import main as convert_main  # noqa: E402
-from lumina_jax.inference import Lumina  # noqa: E402
-from lumina_jax.sampling import processors as P  # noqa: E402
+from lumina_jax.inference import InferenceError, Lumina  # noqa: E402
 from lumina_jax.sampling.generate import split_generation  # noqa: E402
 from lumina_jax.testing.tokenizer import write_text_tokenizer_json  # noqa: E402
 from lumina_jax.testing.vqgan import tiny_vqgan_config, write_lightning_vqgan  # noqa: E402
@@ -96,7 +96,7 @@ def test_cli_text_to_image_writes_pngs_and_sidecars(model_dir, tmp_path, capsys)
 def test_api_sharded_matches_one_device_and_structure(model_dir):
     lm = Lumina.load(model_dir)
     # the CLI test's settings and batch shape (one compilation shared in this process), a non-square size
-    kw = dict(task="t2i", size=(32, 64), cfg=3.0, image_top_k=500, seed=7, num_images=2, max_new_tokens=24,
+    kw = dict(task="t2i", size=(32, 64), guidance=3.0, image_top_k=500, seed=7, num_images=2, max_new_tokens=24,
               progress=False, decode_images=False)
     prompts = ["a cat", "a dog sleeping on a sofa in the afternoon sun"]  # different prompt lengths
     one = lm.generate(prompts, **kw)
@@ -160,6 +160,19 @@ def test_cli_unreadable_checkpoint(tmp_path, capsys):
                                                  "tokenizer": "tokenizer/text_tokenizer.json"}))
     code, _, err = _run_cli(capsys, "--checkpoint", bad, "--out", tmp_path / "o")
     assert code == 1 and "unreadable checkpoint" in err
+
+
+def test_decoder_config_disagreeing_with_tokenizer_is_refused(model_dir, tmp_path):
+    """The image range in decoder/config.json is data checked against the tokenizer's ids, never overridden."""
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    cfg_path = copy / "decoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["image_token_end"] = 8000
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(InferenceError, match=r"decoder and tokenizer disagree: .*config.json: image_token_start/end "
+                                             r"= \[4, 8000\) but the tokenizer's image tokens are ids \[4, 8196\)"):
+        Lumina.load(copy)
 
 
 def test_help_documents_every_flag(capsys):

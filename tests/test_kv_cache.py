@@ -1,4 +1,7 @@
-"""KV-cache decoding equals the full forward: prefill + one-token steps, ragged prompts, row restarts."""
+"""KV-cache decoding equals the full forward: prefill + one-token steps, ragged prompts, row restarts.
+
+The reference is the full forward of the scanned model (the training layout); the cached path is the one
+decoding runs: unscanned layers (`unstack_layers`) on a per-layer cache from `init_cache`."""
 import functools
 
 import jax
@@ -11,7 +14,7 @@ from lumina_jax.models import chameleon as C
 from lumina_jax.state import init_params
 
 TINY = get_config("tiny")
-TINY_GQA_SWIN_UNSCANNED = get_config("tiny-gqa-swin", scan_layers=False)
+TINY_GQA_SWIN = get_config("tiny-gqa-swin")
 ATOL = 1e-4  # fp32; the cached and full paths sum the same terms in a different order and length
 
 
@@ -40,36 +43,46 @@ def full_forward(cfg):
 
 @functools.lru_cache(maxsize=None)
 def cached_forward(cfg):
-    """(params, tokens (B, T), cache, cache_index (B,), positions (B, T)) -> (logits, new_cache)."""
+    """(unstacked params, tokens (B, T), cache, cache_index (B,), positions (B, T)) -> (logits, new_cache)."""
     def f(p, t, cache, idx, pos):
         return C.Chameleon(cfg).apply({"params": p}, t, positions=pos, cache=cache, cache_index=idx)
     return jax.jit(f)
+
+
+def decoding(cfg):
+    return cfg.replace(scan_layers=False)
+
+
+def stacked_keys(cache):
+    return np.stack([np.asarray(layer.k) for layer in cache])
 
 
 def tokens_for(cfg, shape, seed):
     return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size, dtype=jnp.int32)
 
 
-@pytest.mark.parametrize("cfg", [TINY, TINY_GQA_SWIN_UNSCANNED], ids=["mha-scanned", "gqa-swin-unscanned"])
+@pytest.mark.parametrize("cfg", [TINY, TINY_GQA_SWIN], ids=["mha", "gqa-swin"])
 def test_prefill_then_steps_match_full_forward(cfg):
     params = random_params(cfg, 0)
-    assert ("layers" in params) == cfg.scan_layers
     B, T, P, S = 2, 9, 4, 12  # batch, total tokens, prompt length, cache slots
     tokens = tokens_for(cfg, (B, T), 1)
     full = np.asarray(full_forward(cfg)(params, tokens))
-    cache = C.init_cache(cfg, B, S)
-    assert cache.k.shape == (cfg.num_layers, B, S, cfg.num_kv_heads, cfg.head_dim)
-    assert cache.k.dtype == jnp.float32  # compute dtype of the tiny config
-    step = cached_forward(cfg)
+    dcfg, dparams = decoding(cfg), C.unstack_layers(params)
+    cache = C.init_cache(dcfg, B, S)
+    assert len(cache) == cfg.num_layers
+    assert all(layer.k.shape == (B, S, cfg.num_kv_heads, cfg.head_dim) for layer in cache)
+    assert cache[0].k.dtype == jnp.float32  # compute dtype of the tiny config
+    step = cached_forward(dcfg)
     # positions=None: they default to cache_index + arange(T).
-    logits, cache = step(params, tokens[:, :P], cache, jnp.zeros((B,), jnp.int32), None)
+    logits, cache = step(dparams, tokens[:, :P], cache, jnp.zeros((B,), jnp.int32), None)
     np.testing.assert_allclose(np.asarray(logits), full[:, :P], atol=ATOL, rtol=ATOL)
     for t in range(P, T):
         idx = jnp.full((B,), t, jnp.int32)
-        logits, cache = step(params, tokens[:, t : t + 1], cache, idx, None)
+        logits, cache = step(dparams, tokens[:, t : t + 1], cache, idx, None)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], atol=ATOL, rtol=ATOL, err_msg=f"step {t}")
     # Slots past the last written one are still zero: the cache was written exactly where asked.
-    assert np.all(np.asarray(cache.k[:, :, T:]) == 0) and np.any(np.asarray(cache.k[:, :, T - 1]) != 0)
+    k = stacked_keys(cache)
+    assert np.all(k[:, :, T:] == 0) and np.any(k[:, :, T - 1] != 0)
 
 
 def test_ragged_prompts_and_row_restart():
@@ -87,6 +100,7 @@ def test_ragged_prompts_and_row_restart():
     # One full forward of all three sequences right-padded to 10 (causal: padding does not touch them).
     pad_to = lambda x: jnp.pad(x, ((0, 0), (0, 10 - x.shape[1])))
     ref0, ref1, ref_fresh = np.asarray(full_forward(cfg)(params, jnp.concatenate([seq0, pad_to(seq1), pad_to(fresh)])))
+    cfg, params = decoding(cfg), C.unstack_layers(params)
     lengths = [3, 5]
     pad = 99  # anything: padded slots are overwritten later and masked by slot causality until then
     prompt = jnp.array([list(seq0[0, :3]) + [pad, pad], list(seq1[0, :5])], jnp.int32)
@@ -116,18 +130,45 @@ def test_ragged_prompts_and_row_restart():
         idx += 1
 
 
+def test_several_tokens_per_row_at_each_rows_own_slots():
+    """Calls that feed T > 1 tokens per row at different per-row slots (as a verifier of drafted tokens would)
+    give each row the logits of its own full forward."""
+    cfg = TINY
+    params = random_params(cfg, 8)
+    seqs = tokens_for(cfg, (2, 16), 9)
+    full = np.asarray(full_forward(cfg)(params, seqs))
+    cfg, params = decoding(cfg), C.unstack_layers(params)
+    step = cached_forward(cfg)
+    cache = C.init_cache(cfg, 2, 16)
+    _, cache = step(params, seqs[:, :6], cache, jnp.zeros((2,), jnp.int32), None)  # row 1 keeps only 4 of these
+    idx = np.array([6, 4], np.int32)
+    for n in (3, 2, 3):
+        toks = jnp.stack([seqs[b, idx[b]:idx[b] + n] for b in range(2)])
+        logits, cache = step(params, toks, cache, jnp.asarray(idx), None)
+        for b in range(2):
+            np.testing.assert_allclose(np.asarray(logits[b]), full[b, idx[b]:idx[b] + n], atol=ATOL, rtol=ATOL,
+                                       err_msg=f"row {b} slots {idx[b]}..{idx[b] + n - 1}")
+        idx += n
+
+
 def test_bf16_cache_and_errors():
-    cfg = TINY.replace(dtype="bfloat16")
+    cfg = decoding(TINY.replace(dtype="bfloat16"))
     cache = C.init_cache(cfg, 2, 8)
-    assert cache.k.dtype == jnp.bfloat16 and cache.v.dtype == jnp.bfloat16
-    assert C.init_cache(cfg, 2, 8, dtype="float32").k.dtype == jnp.float32
-    params = random_params(TINY, 0)
+    assert all(layer.k.dtype == jnp.bfloat16 and layer.v.dtype == jnp.bfloat16 for layer in cache)
+    assert C.init_cache(cfg, 2, 8, dtype="float32")[0].k.dtype == jnp.float32
+    params = C.unstack_layers(random_params(TINY, 0))
     model = C.Chameleon(cfg)
     tokens = jnp.zeros((2, 3), jnp.int32)
-    apply = lambda t, **kw: jax.eval_shape(lambda p: model.apply({"params": p}, t, **kw), params)
+    apply = lambda t, model=model, p=params, **kw: jax.eval_shape(lambda p: model.apply({"params": p}, t, **kw), p)
     logits, new = apply(tokens, cache=cache)
-    assert new.k.dtype == jnp.bfloat16 and new.k.shape == cache.k.shape and logits.dtype == jnp.float32
+    assert len(new) == len(cache) and logits.dtype == jnp.float32
+    assert new[0].k.dtype == jnp.bfloat16 and new[0].k.shape == cache[0].k.shape
     with pytest.raises(ValueError, match="batch=3"):
         apply(jnp.zeros((3, 1), jnp.int32), cache=cache)
     with pytest.raises(ValueError, match="segment_ids"):
         apply(tokens, cache=cache, segment_ids=jnp.ones((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match="tuple of 2 per-layer KVCaches"):
+        apply(tokens, cache=cache[:1])
+    # The scanned (training) layout refuses a cache and says how to get the decoding layout.
+    with pytest.raises(ValueError, match="unscanned layers.*unstack_layers"):
+        apply(tokens, model=C.Chameleon(TINY), p=random_params(TINY, 0), cache=C.init_cache(TINY, 2, 8))

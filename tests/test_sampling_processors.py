@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lumina_jax.sampling import processors as P
+from lumina_jax.sampling import processors
+from lumina_jax.tokenizer import SpecialIds
 
 # A small vocabulary with the same structure as Chameleon's (contiguous image ids, specials after them).
-IDS = P.TokenIds(image_start=261, image_end=260, new_line=263, size_base=264, end_of_turn=262,
-                 image_first=4, image_last=260, vocab_size=400)
+IDS = processors.TokenIds.from_special_ids(SpecialIds.from_layout(256, 400, compact=True), 400)
 NEG = -np.inf
 
 
@@ -51,6 +51,18 @@ def ref_scores(seq, cond, uncond, cfg, image_k, text_k, temperature, ids=IDS):
     return scores
 
 
+def scores_full(body_logits, other_logits, state, ids=IDS):
+    """Our processed scores as one (B, V) array, as the reference's processors return them: the image-id part
+    of BODY rows from `process_body`, 0 at the forced id and -inf elsewhere on forced steps, `process_other`
+    for the other phases (the selection `choose_tokens` makes)."""
+    B, V = other_logits.shape
+    body = jnp.full((B, V), NEG).at[:, ids.image_first:ids.image_last].set(body_logits)
+    forced = processors.forced_token(state, ids)
+    only = jnp.where(jnp.arange(V)[None, :] == forced[:, None], 0.0, NEG)
+    body = jnp.where((forced >= 0)[:, None], only, body)
+    return jnp.where((processors.phase(state) == processors.BODY)[:, None], body, other_logits)
+
+
 def plan_bias(seq, rng, plan, ids=IDS):
     """A bump on the token the scripted row wants next (so rows walk through text, images and sizes)."""
     want = plan(seq, rng)
@@ -84,15 +96,15 @@ def test_batched_processors_match_reference(cfg, image_k, text_k, temperature):
     plans = [make_plan(1, 2, 3, 2), make_plan(2, 1, 0, 1), make_plan(1, 1, 7, 3), make_plan(2, 3, 1, 1)]
     B = len(plans)
     seqs = [[int(rng.integers(300, 400)) for _ in range(2 + b)] for b in range(B)]
-    s = P.SamplingSettings(cfg_scale=cfg, image_top_k=image_k, text_top_k=text_k, temperature=temperature,
+    s = processors.SamplingSettings(cfg_scale=cfg, image_top_k=image_k, text_top_k=text_k, temperature=temperature,
                            max_new_tokens=200, constrain_size=False, mask_image_ids_in_text=False)
-    st = [P.prompt_state(x, IDS) for x in seqs]
-    state = P.initial_state([x[-1] for x in seqs], [d["in_image"] for d in st], [d["header"] for d in st],
+    st = [processors.prompt_state(x, IDS) for x in seqs]
+    state = processors.initial_state([x[-1] for x in seqs], [d["in_image"] for d in st], [d["header"] for d in st],
                             [d["h"] for d in st], [d["w"] for d in st], [d["body"] for d in st])
-    process_body = jax.jit(lambda c, u, st: P.process_body(c, u, st, s))
-    process_other = jax.jit(lambda c, st: P.process_other(c, st, s, IDS))
-    scores_full = jax.jit(lambda b, o, st: P.scores_full(b, o, st, IDS))
-    advance = jax.jit(lambda st, t: P.advance(st, t, IDS, s.max_new_tokens))
+    process_body = jax.jit(lambda c, u, st: processors.process_body(c, u, st, s))
+    process_other = jax.jit(lambda c, st: processors.process_other(c, st, s, IDS))
+    assemble = jax.jit(scores_full)
+    advance = jax.jit(lambda st, t: processors.advance(st, t, IDS, s.max_new_tokens))
     phases_seen = set()
     for step in range(60):
         cond = rng.normal(size=(B, IDS.vocab_size)) * 3
@@ -103,8 +115,8 @@ def test_batched_processors_match_reference(cfg, image_k, text_k, temperature):
         img = slice(IDS.image_first, IDS.image_last)
         body = process_body(jnp.asarray(cond[:, img], jnp.float32), jnp.asarray(uncond[:, img], jnp.float32), state)
         other = process_other(jnp.asarray(cond, jnp.float32), state)
-        ours = np.asarray(scores_full(body, other, state))
-        phases_seen |= set(np.asarray(P.phase(state)).tolist())
+        ours = np.asarray(assemble(body, other, state))
+        phases_seen |= set(np.asarray(processors.phase(state)).tolist())
         nxt = []
         for b in range(B):
             if bool(state.done[b]):
@@ -120,11 +132,11 @@ def test_batched_processors_match_reference(cfg, image_k, text_k, temperature):
         state = advance(state, jnp.asarray(nxt, jnp.int32))
         for b in range(B):
             if not bool(state.done[b]):
-                d = P.prompt_state(seqs[b], IDS)
+                d = processors.prompt_state(seqs[b], IDS)
                 assert bool(state.in_image[b]) == d["in_image"]
                 if d["in_image"]:
                     assert (int(state.header[b]), int(state.body[b])) == (min(d["header"], 2), d["body"])
-    assert phases_seen == {P.TEXT, P.SIZE_H, P.SIZE_W, P.BODY}
+    assert phases_seen == {processors.TEXT, processors.SIZE_H, processors.SIZE_W, processors.BODY}
     assert all(bool(d) for d in np.asarray(state.done)), "every scripted row should have reached end-of-turn"
     for b, seq in enumerate(seqs):
         assert seq[-1] == IDS.end_of_turn
@@ -132,8 +144,8 @@ def test_batched_processors_match_reference(cfg, image_k, text_k, temperature):
 
 
 def _state_at(seq):
-    d = P.prompt_state(seq, IDS)
-    return P.initial_state([seq[-1]], [d["in_image"]], [d["header"]], [d["h"]], [d["w"]], [d["body"]])
+    d = processors.prompt_state(seq, IDS)
+    return processors.initial_state([seq[-1]], [d["in_image"]], [d["header"]], [d["h"]], [d["w"]], [d["body"]])
 
 
 def test_forced_new_line_and_end_of_image():
@@ -142,7 +154,7 @@ def test_forced_new_line_and_end_of_image():
     forced = []
     for t in range(11):
         st = _state_at(seq)
-        f = int(P.forced_token(st, IDS)[0])
+        f = int(processors.forced_token(st, IDS)[0])
         forced.append(f)
         seq.append(f if f >= 0 else 7)
     assert forced == [-1] * 4 + [IDS.new_line] + [-1] * 4 + [IDS.new_line, IDS.image_end]
@@ -153,32 +165,33 @@ def test_forced_new_line_and_end_of_image():
 def test_size_tokens_constrained_to_table_and_forced():
     table = np.zeros((5, 5), bool)
     table[1, 3] = table[2, 2] = table[3, 1] = table[2, 4] = True
-    s = P.SamplingSettings(image_top_k=100, constrain_size=True, max_new_tokens=10)
+    s = processors.SamplingSettings(image_top_k=100, constrain_size=True, max_new_tokens=10)
     cond = jnp.zeros((3, IDS.vocab_size))
     # row 0 at the height step, row 1 at the width step with h=2, row 2 at the width step with h=3
     seqs = [[1, IDS.image_start], [1, IDS.image_start, IDS.size_base + 2], [1, IDS.image_start, IDS.size_base + 3]]
-    sts = [P.prompt_state(x, IDS) for x in seqs]
-    state = P.initial_state([x[-1] for x in seqs], [d["in_image"] for d in sts], [d["header"] for d in sts],
+    sts = [processors.prompt_state(x, IDS) for x in seqs]
+    state = processors.initial_state([x[-1] for x in seqs], [d["in_image"] for d in sts], [d["header"] for d in sts],
                             [d["h"] for d in sts], [d["w"] for d in sts], [d["body"] for d in sts])
-    out = np.asarray(P.process_other(cond, state, s, IDS, jnp.asarray(table)))
+    out = np.asarray(processors.process_other(cond, state, s, IDS, jnp.asarray(table)))
     allowed = [set((np.flatnonzero(np.isfinite(o)) - IDS.size_base).tolist()) for o in out]
     assert allowed == [{1, 2, 3}, {2, 4}, {1}]
     forced = jnp.asarray([[2, -1], [-1, 4], [-1, -1]], jnp.int32)
-    out = np.asarray(P.process_other(cond, state, s, IDS, jnp.asarray(table), forced))
+    out = np.asarray(processors.process_other(cond, state, s, IDS, jnp.asarray(table), forced))
     allowed = [set((np.flatnonzero(np.isfinite(o)) - IDS.size_base).tolist()) for o in out]
     assert allowed == [{2}, {4}, {1}]
     # without the constraint, anything passes top-k at the size steps (the reference behaviour)
-    s_free = P.SamplingSettings(image_top_k=100, constrain_size=False, mask_image_ids_in_text=False, max_new_tokens=10)
-    out = np.asarray(P.process_other(cond, state, s_free, IDS, jnp.asarray(table)))
+    s_free = processors.SamplingSettings(image_top_k=100, constrain_size=False, mask_image_ids_in_text=False,
+                                         max_new_tokens=10)
+    out = np.asarray(processors.process_other(cond, state, s_free, IDS, jnp.asarray(table)))
     assert np.isfinite(out).all()
 
 
 def test_text_rows_never_allow_image_ids():
-    s = P.SamplingSettings(text_top_k=0, max_new_tokens=10)
+    s = processors.SamplingSettings(text_top_k=0, max_new_tokens=10)
     state = _state_at([1, 2, 3])
     cond = jnp.asarray(np.random.default_rng(1).normal(size=(1, IDS.vocab_size)) + 
                        np.where(np.arange(IDS.vocab_size) < IDS.image_last, 50.0, 0.0), jnp.float32)
-    out = np.asarray(P.process_other(cond, state, s, IDS))[0]
+    out = np.asarray(processors.process_other(cond, state, s, IDS))[0]
     assert not np.isfinite(out[IDS.image_first:IDS.image_last]).any() and not np.isfinite(out[IDS.image_end])
     assert np.isfinite(out[IDS.image_last + 1:]).all()
 
@@ -187,7 +200,7 @@ def test_top_p_matches_sorted_cumulative_rule():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(3, 50)).astype(np.float32) * 2
     for p in (0.3, 0.9):
-        ours = np.asarray(P._top_p_mask(jnp.asarray(x), p))
+        ours = np.asarray(processors._top_p_mask(jnp.asarray(x), p))
         for b in range(3):
             order = np.argsort(-x[b])
             probs = np.exp(x[b][order] - x[b].max())
@@ -199,23 +212,23 @@ def test_top_p_matches_sorted_cumulative_rule():
 def test_choose_tokens_same_for_body_rows_on_either_path():
     """A BODY row picks the same token whether or not the full-vocabulary branch ran for its batch."""
     rng = np.random.default_rng(3)
-    s = P.SamplingSettings(cfg_scale=2.0, image_top_k=20, max_new_tokens=10)
+    s = processors.SamplingSettings(cfg_scale=2.0, image_top_k=20, max_new_tokens=10)
     seqs = [[1, IDS.image_start, IDS.size_base + 2, IDS.size_base + 2, 5], [1, 300]]
-    sts = [P.prompt_state(x, IDS) for x in seqs]
-    state = P.initial_state([x[-1] for x in seqs], [d["in_image"] for d in sts], [d["header"] for d in sts],
+    sts = [processors.prompt_state(x, IDS) for x in seqs]
+    state = processors.initial_state([x[-1] for x in seqs], [d["in_image"] for d in sts], [d["header"] for d in sts],
                             [d["h"] for d in sts], [d["w"] for d in sts], [d["body"] for d in sts])
     keys = jax.random.split(jax.random.key(0), 2)
     cond = jnp.asarray(rng.normal(size=(2, IDS.vocab_size)), jnp.float32)
     unc = jnp.asarray(rng.normal(size=(2, IDS.num_image_ids)), jnp.float32)
-    body = P.process_body(cond[:, 4:260], unc, state, s)
-    other = P.process_other(cond, state, s, IDS)
-    fast = jax.jit(lambda keys: P.choose_tokens(body, None, state, keys, s, IDS))
-    general = jax.jit(lambda keys: P.choose_tokens(body, other, state, keys, s, IDS))
+    body = processors.process_body(cond[:, 4:260], unc, state, s)
+    other = processors.process_other(cond, state, s, IDS)
+    fast = jax.jit(lambda keys: processors.choose_tokens(body, None, state, keys, s, IDS))
+    general = jax.jit(lambda keys: processors.choose_tokens(body, other, state, keys, s, IDS))
     for seed in range(20):
         keys = jax.random.split(jax.random.key(seed), 2)
         a, b = fast(keys), general(keys)
         assert int(a[0]) == int(b[0])
-        assert np.isfinite(np.asarray(P.scores_full(body, other, state, IDS))[1, int(b[1])])
+        assert np.isfinite(np.asarray(scores_full(body, other, state))[1, int(b[1])])
         assert IDS.image_first <= int(a[0]) < IDS.image_last
 
 
@@ -229,7 +242,7 @@ def test_top_k_mask_equals_sort_threshold(k):
     x[2, :5] = -0.0
     x[2, 5:9] = 0.0
     x[3, :200] = -np.inf  # fewer finite entries than some k
-    ours = np.asarray(P._top_k_mask(jnp.asarray(x), k))
+    ours = np.asarray(processors._top_k_mask(jnp.asarray(x), k))
     thr = np.sort(x, axis=-1)[:, ::-1][:, k - 1:k]
     ref = np.where(x < thr, -np.inf, x)
     np.testing.assert_array_equal(ours, ref)
@@ -242,14 +255,14 @@ def test_cfg_min_p_keeps_only_codes_plausible_under_the_conditional_branch():
     seqs = [[1, IDS.image_start, IDS.size_base + 2, IDS.size_base + 2, 5],  # BODY
             [1, IDS.image_start, IDS.size_base + 1, IDS.size_base + 2, 7, 9],  # BODY
             [1, IDS.image_start, IDS.size_base + 2]]  # SIZE_W: guidance not applied yet
-    sts = [P.prompt_state(x, IDS) for x in seqs]
-    state = P.initial_state([x[-1] for x in seqs], [d["in_image"] for d in sts], [d["header"] for d in sts],
+    sts = [processors.prompt_state(x, IDS) for x in seqs]
+    state = processors.initial_state([x[-1] for x in seqs], [d["in_image"] for d in sts], [d["header"] for d in sts],
                             [d["h"] for d in sts], [d["w"] for d in sts], [d["body"] for d in sts])
     c = (rng.normal(size=(3, IDS.num_image_ids)) * 3).astype(np.float32)
     u = (rng.normal(size=(3, IDS.num_image_ids)) * 3).astype(np.float32)
     g, min_p = 3.0, 0.05
-    ours = np.asarray(P.guide(jnp.asarray(c), jnp.asarray(u), state, g, min_p))
-    plain = np.asarray(P.guide(jnp.asarray(c), jnp.asarray(u), state, g))
+    ours = np.asarray(processors.guide(jnp.asarray(c), jnp.asarray(u), state, g, min_p))
+    plain = np.asarray(processors.guide(jnp.asarray(c), jnp.asarray(u), state, g))
     for b in range(2):
         p = np.exp(c[b].astype(np.float64) - c[b].max())
         p /= p.sum()
@@ -260,8 +273,8 @@ def test_cfg_min_p_keeps_only_codes_plausible_under_the_conditional_branch():
         np.testing.assert_allclose(plain[b], u[b] + g * (c[b] - u[b]), rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(ours[2], c[2])  # not a BODY row: the conditional logits as they are
     # through process_body (top-k, temperature) the kept set can only shrink; sampled codes stay plausible
-    s = P.SamplingSettings(cfg_scale=g, cfg_min_p=min_p, image_top_k=20, temperature=0.7, max_new_tokens=10)
-    body = np.asarray(P.process_body(jnp.asarray(c), jnp.asarray(u), state, s))
+    s = processors.SamplingSettings(cfg_scale=g, cfg_min_p=min_p, image_top_k=20, temperature=0.7, max_new_tokens=10)
+    body = np.asarray(processors.process_body(jnp.asarray(c), jnp.asarray(u), state, s))
     for b in range(2):
         assert set(np.flatnonzero(np.isfinite(body[b]))) <= set(np.flatnonzero(np.isfinite(ours[b])))
 
@@ -269,4 +282,4 @@ def test_cfg_min_p_keeps_only_codes_plausible_under_the_conditional_branch():
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 2.0])
 def test_cfg_min_p_out_of_range_is_refused(bad):
     with pytest.raises(ValueError, match="cfg_min_p"):
-        P.SamplingSettings(cfg_min_p=bad)
+        processors.SamplingSettings(cfg_min_p=bad)

@@ -137,18 +137,22 @@ def test_replication_check_catches_replicated_big_param(reference):
 
 def test_cache_sharding_and_decode_on_mesh(reference):
     params, tokens, ref = reference
+    cfg = CFG.replace(scan_layers=False)  # decoding runs unscanned layers on a per-layer cache
     mesh = S.make_mesh("data=2,fsdp=2,tensor=2")
     rules = S.FSDP_RULES
-    shardings = state.param_shardings(CFG, mesh, rules)
-    cache_sh = S.cache_shardings(mesh, rules)
-    model = C.Chameleon(CFG)
+    shardings = state.param_shardings(cfg, mesh, rules)
+    cache_sh = S.cache_shardings(cfg, mesh, rules)
+    model = C.Chameleon(cfg)
+    params = jax.device_put(C.unstack_layers(params), shardings)
     with S.sharding_context(mesh, rules):
-        cache = jax.jit(lambda: C.init_cache(CFG, 8, 16), out_shardings=cache_sh)()
+        cache = jax.jit(lambda: C.init_cache(cfg, 8, 16), out_shardings=cache_sh)()
         step = jax.jit(lambda p, t, c, i: model.apply({"params": p}, t, cache=c, cache_index=i),
                        in_shardings=(shardings, None, cache_sh, None), out_shardings=(None, cache_sh))
-        logits, cache = step(jax.device_put(params, shardings), tokens[:, :11], cache, jnp.zeros(8, jnp.int32))
-        last, cache = step(jax.device_put(params, shardings), tokens[:, 11:], cache, jnp.full(8, 11, jnp.int32))
-    assert cache.k.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+        logits, cache = step(params, tokens[:, :11], cache, jnp.zeros(8, jnp.int32))
+        last, cache = step(params, tokens[:, 11:], cache, jnp.full(8, 11, jnp.int32))
+    assert len(cache) == cfg.num_layers
+    for layer in cache:
+        assert layer.k.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
     np.testing.assert_allclose(np.asarray(logits), ref[:, :11], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(last[:, 0]), ref[:, 11], atol=1e-5, rtol=1e-5)
 

@@ -1,5 +1,8 @@
-"""Text tokenizer backends, special ids by name, the image-code table, and the SentencePiece trainer."""
+"""Text tokenizer backends, special ids by name, the image-code table, the layout rule, and the SentencePiece
+trainer."""
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,8 +10,10 @@ import pytest
 from lumina_jax import tokenizer_train
 from lumina_jax.testing.tokenizer import chameleon_like_tokenizer_json, write_hf_tokenizer_dir, \
     write_text_tokenizer_json
-from lumina_jax.tokenizer import SpecialIds, TextTokenizer, build_image_tables, image_token_name, load_tokenizer, \
-    parse_image_token_name
+from lumina_jax.tokenizer import SpecialIds, TextTokenizer, build_image_tables, image_token_name, layout_vocab_size, \
+    load_tokenizer, parse_image_token_name
+
+DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "lumina_jax" / "demo_weights" / "tokenizer" / "tok.model"
 
 TEXTS = [
     "Generate an image of 768x768 according to the following prompt:\nA red fox in the snow.",
@@ -125,3 +130,36 @@ def test_sentencepiece_training_keeps_chameleon_ids(tmp_path):
         assert all(i >= 9000 or i == 3 for i in ids) and 3 not in ids
     assert tok.encode("the red fox") == tok.encode("the red") + tok.encode(" fox")  # no dummy prefix
     assert tok.encode("a<reserved08706>") == tok.encode("a") + [8710]
+
+
+def assert_same_ids(a: SpecialIds, b: SpecialIds, skip=()):
+    for f in dataclasses.fields(SpecialIds):
+        if f.name in skip:
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=f.name)
+        else:
+            assert x == y, f.name
+
+
+def test_layout_rule_gives_the_ids_real_vocabularies_have(tok_json):
+    """`SpecialIds.from_layout` (ids placed by rule) against name lookups in real files: Chameleon's layout with
+    8192 codes, and the shipped demo tokenizer (written by tokenizer_train) with 512 codes."""
+    assert_same_ids(SpecialIds.from_layout(8192, 65536), load_tokenizer(tok_json)[1])
+    demo_tok, demo = load_tokenizer(str(DEMO_TOKENIZER))
+    assert demo.num_image_codes == 512
+    # the demo vocabulary holds fewer reserved names, so fewer size tokens than the rule's MAX_SIZE_PATCHES
+    assert_same_ids(SpecialIds.from_layout(512, demo_tok.vocab_size), demo, skip=("max_size_patches",))
+
+
+def test_compact_layout_and_range_checks():
+    sp = SpecialIds.from_layout(256, 400, compact=True)  # the tiny test models' layout
+    assert (sp.image_token_start, sp.image_token_end, sp.image_end, sp.image_start, sp.end_of_turn, sp.new_line,
+            sp.size_base) == (4, 260, 260, 261, 262, 263, 264)
+    assert layout_vocab_size(256, compact=True) == 264 + 128 + 1
+    with pytest.raises(ValueError, match="vocabulary of 512 ids cannot hold 256 image codes in the Chameleon layout"):
+        SpecialIds.from_layout(256, 512)
+    sp.check_image_range(4, 260, "config.json")
+    with pytest.raises(ValueError, match=r"config.json: image_token_start/end = \[4, 300\) .* ids \[4, 260\)"):
+        sp.check_image_range(4, 300, "config.json")

@@ -9,7 +9,7 @@ from lumina_jax import param_checkpoint
 from lumina_jax.convert import vqgan as convert_vqgan
 from lumina_jax.convert.__main__ import main as convert_main
 from lumina_jax.convert.errors import ConversionError
-from lumina_jax.image_tokenizer import ImageTokenizer, postprocess, preprocess, to_uint8
+from lumina_jax.image_tokenizer import ImageTokenizer, map_batched_by_shape, postprocess, preprocess, to_uint8
 from lumina_jax.models.vqgan import VQGANConfig
 from lumina_jax.testing.vqgan import (random_vqgan_params, tiny_vqgan_config, write_lightning_vqgan,
                                       write_vqgan_checkpoint, write_vqgan_yaml)
@@ -243,3 +243,19 @@ def test_torch_load_path_and_bare_state_dict_give_the_same_weights(converted, tm
                      jax.tree.map(np.asarray, tok.params))
     with pytest.raises(ConversionError, match="no 'weights' entry"):
         convert_vqgan.read_state_dict(str(ckpt), key="weights")
+
+
+def test_map_batched_by_shape_batches_equal_shapes_and_keeps_input_order():
+    items = [((2, 2), i) if i % 3 else ((4, 2), i) for i in range(10)]  # 4 of shape (4, 2), 6 of (2, 2)
+    batches = []
+
+    def fn(chunk):
+        batches.append([shape for shape, _ in chunk])
+        return [i for _, i in chunk]
+
+    assert map_batched_by_shape(items, lambda item: item[0], fn, max_batch=4) == list(range(10))
+    assert sorted(len(b) for b in batches) == [2, 4, 4] and all(len(set(b)) == 1 for b in batches)
+    assert map_batched_by_shape(items, lambda item: item[0], fn) == list(range(10))  # None: whole groups
+    assert sorted(len(b) for b in batches[3:]) == [4, 6]
+    with pytest.raises(ValueError):  # one result per item, or the mapping would be wrong
+        map_batched_by_shape(items, lambda item: item[0], lambda chunk: [0])

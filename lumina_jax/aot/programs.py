@@ -20,10 +20,15 @@ from lumina_jax import sharding
 from lumina_jax.aot.analysis import JaxprStats, analyse_jaxpr
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.flops import matmul_params, train_flops_per_token
-from lumina_jax.models.attention import CACHE_AXES
+from lumina_jax.models.attention import init_cache
+from lumina_jax.sampling import processors
+from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
+from lumina_jax.sampling.generate import prepare_inputs, size_table_from_crops
 from lumina_jax.state import abstract_params, abstract_train_state
+from lumina_jax.tokenizer import SpecialIds, layout_vocab_size
 from lumina_jax.training import train_step as ts
 from lumina_jax.training.config import TrainConfig
+from lumina_jax.unirep import crop_size_list, unirep_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,24 +103,19 @@ def lower_train(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Program:
     )
 
 
-def token_ids_for(cfg: ChameleonConfig):
-    """The sampler's special ids: Chameleon's for the full vocabulary, a compact layout for tiny test models."""
-    from lumina_jax.sampling.processors import TokenIds
-
-    if cfg.vocab_size >= TokenIds().vocab_size:
-        return TokenIds(vocab_size=cfg.vocab_size)
-    end = cfg.image_token_end
-    return TokenIds(image_start=end + 1, image_end=end, new_line=end + 3, size_base=end + 4, end_of_turn=end + 2,
-                    image_first=cfg.image_token_start, image_last=end, vocab_size=cfg.vocab_size)
+def token_ids_for(cfg: ChameleonConfig) -> processors.TokenIds:
+    """The sampler's ids for a decoder config without a tokenizer: Chameleon's layout with the config's image
+    codes (Chameleon's own ids for the published models), or the compact layout when the vocabulary is too
+    small for the reserved block (the tiny test models)."""
+    n = cfg.image_token_end - cfg.image_token_start
+    compact = cfg.vocab_size < layout_vocab_size(n)
+    special = SpecialIds.from_layout(n, cfg.vocab_size, compact=compact)
+    special.check_image_range(cfg.image_token_start, cfg.image_token_end, "model config")
+    return processors.TokenIds.from_special_ids(special, cfg.vocab_size)
 
 
 def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sharding.Mesh, rules_name: str) -> Program:
     """Lowers prefill + the guided decode loop for `spec.batch_size` prompts of `spec.prompt_len` tokens."""
-    from lumina_jax.sampling import processors as P
-    from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
-    from lumina_jax.sampling.generate import prepare_inputs, size_table_from_crops
-    from lumina_jax.unirep import crop_size_list, unirep_length
-
     rules = sharding.rule_set(rules_name, "parallel.rules")
     if spec.batch_size < 1 or spec.prompt_len < 1:
         raise ValueError(f"generate.batch_size={spec.batch_size} and generate.prompt_len={spec.prompt_len} must be >= 1")
@@ -125,8 +125,8 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     cfg = model_cfg.replace(param_dtype=spec.param_dtype, dropout=0.0, remat_policy="none", scan_layers=False)
     ids = token_ids_for(cfg)
     max_new = unirep_length(spec.image_size, spec.image_size) + spec.extra_tokens
-    settings = P.SamplingSettings(cfg_scale=spec.cfg_scale, image_top_k=min(spec.image_top_k, ids.num_image_ids),
-                                  text_top_k=spec.text_top_k, max_new_tokens=max_new)
+    settings = processors.SamplingSettings(cfg_scale=spec.cfg_scale, text_top_k=spec.text_top_k,
+                                           image_top_k=min(spec.image_top_k, ids.num_image_ids), max_new_tokens=max_new)
     prompt = [0] + [ids.image_first + 1] * (spec.prompt_len - 1)  # text-only prompts; contents do not matter here
     host = prepare_inputs([prompt] * spec.batch_size, list(range(spec.batch_size)), ids)
     table = size_table_from_crops(crop_size_list(spec.image_size))
@@ -138,8 +138,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     dm = ChameleonDecodeModel(cfg)  # its cache carries the logical cache axes; the rules shard it
     rows = spec.batch_size * (2 if settings.use_guidance else 1)
     S = host.prompt.shape[1] + max_new
-    kv_shape = (cfg.num_layers, rows, S, cfg.num_kv_heads, cfg.head_dim)
-    kv = jax.ShapeDtypeStruct(kv_shape, jnp.dtype(cfg.dtype), sharding=sharding.logical_sharding(mesh, rules, CACHE_AXES))
+    kv = _attach(jax.eval_shape(lambda: init_cache(cfg, rows, S)), sharding.cache_shardings(cfg, mesh, rules))
     with sharding.sharding_context(mesh, rules):
         lowered = decode_jit.lower(dm, params, inputs, settings=settings, ids=ids, size_table=table)
         closed = jax.make_jaxpr(lambda p, i, t: decode_jit(dm, p, i, settings=settings, ids=ids, size_table=t))(
@@ -149,7 +148,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     per_row_step = 2.0 * n_mm + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * S
     prefill_tokens = rows * max(host.prompt.shape[1], host.uncond_prompt.shape[1])
     param_bytes = device_bytes(params)
-    cache_bytes = 2 * device_bytes(kv)
+    cache_bytes = device_bytes(kv)  # keys and values of every layer
     return Program(
         mode="generate", lowered=lowered,
         groups={"parameters": param_bytes, "prompts": device_bytes(inputs)},

@@ -48,11 +48,11 @@ def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_to
     Sizes differ per row, so rows are built here with their own forced size tokens (the per-row `forced_hw`
     of the sampler) instead of one `Lumina.generate` call (and one compilation) per size.
     """
-    from lumina_jax.sampling import processors as P
+    from lumina_jax.sampling import processors
 
-    settings = P.SamplingSettings(cfg_scale=float(guidance), cfg_min_p=float(cfg_min_p), image_top_k=int(image_top_k),
-                                  text_top_k=10, temperature=float(temperature), top_p=1.0,
-                                  max_new_tokens=int(max_new_tokens), constrain_size=True)
+    settings = processors.SamplingSettings(cfg_scale=float(guidance), cfg_min_p=float(cfg_min_p),
+                                           image_top_k=int(image_top_k), text_top_k=10, temperature=float(temperature),
+                                           top_p=1.0, max_new_tokens=int(max_new_tokens), constrain_size=True)
     prompts, forced, headers = [], [], []
     for s in specs:
         h, w = lm.size_to_patches(s.size)

@@ -26,9 +26,8 @@ from lumina_jax.models import attention_ops
 
 Array = jax.Array
 
-# Logical axis names of one layer's slice of the KV cache, and of the stacked cache.
-CACHE_LAYER_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "kv")
-CACHE_AXES = ("layers",) + CACHE_LAYER_AXES
+# Logical axis names of one layer's KV cache buffer (B, S, K, H).
+CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "kv")
 
 
 def default_kernel_init(stddev: float = 0.02):
@@ -58,11 +57,11 @@ class Linear(nn.Module):
 
 @flax.struct.dataclass
 class KVCache:
-    """Static, preallocated key/value cache.
+    """Static, preallocated key/value cache of one layer: `k`, `v` (B, S, K, H).
 
-    `k`, `v`: (L, B, S, K, H) for the whole model, or (B, S, K, H) for one layer (the slice `nn.scan` hands
-    each block). Storage goes through `write` and `read` only, so a quantised layout (int8/fp8 values plus
-    per-slot scales as extra fields) can be added there without touching the attention code.
+    The model's cache is a tuple of these, one per layer (see `init_cache`). Storage goes through `write`
+    and `read` only, so a quantised layout (int8/fp8 values plus per-slot scales as extra fields) can be
+    added there without touching the attention code.
     """
 
     k: Array
@@ -73,7 +72,7 @@ class KVCache:
         return self.k.shape[-3]
 
     def write(self, k_new: Array, v_new: Array, cache_index: Array) -> "KVCache":
-        """Writes (B, T, K, H) new keys/values of row b at slots cache_index[b] + arange(T) (one layer).
+        """Writes (B, T, K, H) new keys/values of row b at slots cache_index[b] + arange(T).
 
         The caller keeps cache_index[b] + T <= max_length: `dynamic_update_slice` clamps the start index
         instead of failing, which would write to the wrong slots.
@@ -83,8 +82,8 @@ class KVCache:
 
         k = jax.vmap(put)(self.k, k_new, cache_index)
         v = jax.vmap(put)(self.v, v_new, cache_index)
-        k = nn.with_logical_constraint(k, CACHE_LAYER_AXES)
-        v = nn.with_logical_constraint(v, CACHE_LAYER_AXES)
+        k = nn.with_logical_constraint(k, CACHE_AXES)
+        v = nn.with_logical_constraint(v, CACHE_AXES)
         return KVCache(k=k, v=v)
 
     def read(self, dtype) -> tuple[Array, Array]:
@@ -92,11 +91,20 @@ class KVCache:
         return self.k.astype(dtype), self.v.astype(dtype)
 
 
-def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """A zero KV cache for `batch` rows of `max_len` slots, in `dtype` (default: the compute dtype)."""
+def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
+    """A zero KV cache for `batch` rows of `max_len` slots in `dtype` (default: the compute dtype).
+
+    One `KVCache` per layer rather than one stacked (L, B, S, K, H) array: inside a decode loop each layer's
+    buffer is then updated in place, where a stacked cache is rebuilt every step (benchmarks/generate.py).
+    Under `sharding.sharding_context` the buffers take the shardings of `CACHE_AXES`.
+    """
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+
+    def zeros():
+        return nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
+
+    return tuple(KVCache(k=zeros(), v=zeros()) for _ in range(config.num_layers))
 
 
 def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
@@ -170,7 +178,8 @@ class Attention(nn.Module):
         k = checkpoint_name(k, "key_proj")
         v = checkpoint_name(v, "value_proj")
 
-        # Per-head LayerNorm before RoPE, in the Hugging Face row order (see spec 1.3.1).
+        # Per-head LayerNorm before RoPE, in the Hugging Face row order (the converted q/k kernels keep it;
+        # docs/reference.md#rope-layout-and-the-qk-permutation).
         q = HeadLayerNorm(N, cfg.q_norm_rows, cfg.qk_norm_eps, dtype, pdtype, name="q_norm")(q)
         k = HeadLayerNorm(K, cfg.k_norm_rows, cfg.qk_norm_eps, dtype, pdtype, name="k_norm")(k)
         cos, sin = rope_cos_sin(positions, H, cfg.rope_theta, dtype)

@@ -3,13 +3,14 @@
 Axis legend: B batch, T length, D model dim, F MLP width, V vocabulary, L layers.
 
 The parameter tree, the call signature and the KV cache follow docs/design.md. The canonical layout is
-the scanned one (a leading "layers" axis on every per-layer leaf); `stack_layers` / `unstack_layers`
-convert to and from the `layers_0`, `layers_1`, ... layout of an unscanned model.
+the scanned one (a leading "layers" axis on every per-layer leaf), used for training and checkpoints;
+decoding with a KV cache runs the unscanned `layers_0`, `layers_1`, ... layout (`scan_layers=False`).
+`stack_layers` / `unstack_layers` convert between the two.
 
 Differences from the reference (Lumina's bundled `ChameleonForConditionalGeneration`):
 - logits are projected with float32 accumulation and can be computed for a static slice of the
   vocabulary only (`compute_logits(..., vocab_slice=...)`), so training and sampling need not
-  materialise full-vocabulary float32 logits (spec 8, item 13);
+  materialise full-vocabulary float32 logits (docs/reference.md#full-sequence-fp32-logits);
 - the image-logit mask is a static `where` over an id range rather than fancy indexing with a list;
 - explicit positions and segment ids: packed sequences do not attend across examples;
 - see `attention.py` for the attention-level differences (float32 softmax, configurable q/k-norm eps).
@@ -17,7 +18,7 @@ Differences from the reference (Lumina's bundled `ChameleonForConditionalGenerat
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,8 +29,8 @@ from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.attention import Attention, KVCache, Linear, init_cache, logical_param
 
 __all__ = [
-    "Chameleon", "DecoderBlock", "KVCache", "REMAT_POLICIES", "compute_logits", "init_cache",
-    "stack_layers", "unstack_layers",
+    "Chameleon", "DecoderBlock", "KVCache", "REMAT_POLICIES", "compute_logits", "init_cache", "lm_head_kernel",
+    "project_logits", "stack_layers", "unstack_layers",
 ]
 
 Array = jax.Array
@@ -133,13 +134,35 @@ class Embedding(nn.Module):
         return jnp.take(table, tokens, axis=0).astype(cfg.dtype)
 
 
-def _project_logits(kernel: Array, hidden: Array, config: ChameleonConfig, vocab_slice) -> Array:
-    """hidden (B, T, D) @ kernel (D, V)[:, slice] with float32 accumulation, cast to logits_dtype, masked."""
+def lm_head_kernel(params: Any, config: ChameleonConfig, vocab_slice=None) -> Array:
+    """The `lm_head` columns of a static (start, stop) `vocab_slice` (all when None), in the compute dtype.
+
+    A decode loop takes this once, outside the loop: slicing inside the loop body copies the columns every step.
+    """
+    start, stop = _vocab_range(config, vocab_slice)
+    kernel = nn.unbox(params["lm_head"]["kernel"])
+    if (start, stop) != (0, config.vocab_size):
+        kernel = kernel[:, start:stop]
+    return kernel.astype(config.dtype)
+
+
+def _vocab_range(config: ChameleonConfig, vocab_slice) -> tuple[int, int]:
     start, stop = (0, config.vocab_size) if vocab_slice is None else (int(vocab_slice[0]), int(vocab_slice[1]))
     if not 0 <= start < stop <= config.vocab_size:
         raise ValueError(f"vocab_slice={vocab_slice!r} is not a (start, stop) range inside [0, {config.vocab_size}]")
-    if (start, stop) != (0, config.vocab_size):
-        kernel = kernel[:, start:stop]
+    return start, stop
+
+
+def project_logits(kernel: Array, hidden: Array, config: ChameleonConfig, vocab_slice=None) -> Array:
+    """hidden (B, T, D) @ kernel (D, stop - start), the `lm_head` columns of `vocab_slice`, to masked logits.
+
+    Float32 accumulation, cast to `logits_dtype`; with `mask_image_logits` the part of the image-id range
+    inside the slice is set to the dtype's minimum.
+    """
+    start, stop = _vocab_range(config, vocab_slice)
+    if kernel.shape[-1] != stop - start:
+        raise ValueError(f"lm_head kernel has {kernel.shape[-1]} columns; vocab_slice {vocab_slice!r} "
+                         f"needs {stop - start}")
     dtype = jnp.dtype(config.dtype)
     logits = jnp.einsum("btd,dv->btv", hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
     logits = logits.astype(config.logits_dtype)
@@ -159,8 +182,7 @@ def compute_logits(params: Any, hidden: Array, config: ChameleonConfig, vocab_sl
     (start, stop) pair: only those vocabulary columns are projected (e.g. the image ids for the sampler,
     or a chunk for the loss); the image-logit mask is applied to the part of its range inside the slice.
     """
-    kernel = nn.unbox(params["lm_head"]["kernel"])
-    return _project_logits(kernel, hidden, config, vocab_slice)
+    return project_logits(lm_head_kernel(params, config, vocab_slice), hidden, config, vocab_slice)
 
 
 class LMHead(nn.Module):
@@ -175,7 +197,7 @@ class LMHead(nn.Module):
             self, "kernel", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size),
             jnp.dtype(cfg.param_dtype), ("embed", "vocab"),
         )
-        return _project_logits(kernel, hidden, cfg, None)
+        return project_logits(kernel, hidden, cfg)
 
 
 def _block_class(config: ChameleonConfig):
@@ -188,7 +210,11 @@ def _block_class(config: ChameleonConfig):
 
 
 class Chameleon(nn.Module):
-    """The Chameleon / Lumina-mGPT decoder. See docs/design.md ("Decoder call") for the contract."""
+    """The Chameleon / Lumina-mGPT decoder. See docs/design.md ("Decoder call") for the contract.
+
+    One forward for training (scanned or unscanned layers, no cache), prefill and decoding (unscanned
+    layers with a per-layer cache from `init_cache`).
+    """
 
     config: ChameleonConfig
 
@@ -198,7 +224,7 @@ class Chameleon(nn.Module):
         tokens: Array,
         positions: Optional[Array] = None,
         segment_ids: Optional[Array] = None,
-        cache: Optional[KVCache] = None,
+        cache: Optional[Sequence[KVCache]] = None,
         cache_index: Optional[Array] = None,
         deterministic: bool = True,
         return_hidden: bool = False,
@@ -213,10 +239,9 @@ class Chameleon(nn.Module):
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         else:
+            _check_cache(cfg, cache, B)
             if segment_ids is not None:
                 raise ValueError("segment_ids is not supported with a KV cache (the cache is causal by slot)")
-            if cache.k.shape[:2] != (cfg.num_layers, B):
-                raise ValueError(f"cache.k shape {cache.k.shape} does not match num_layers={cfg.num_layers}, batch={B}")
             cache_index = (jnp.zeros((B,), jnp.int32) if cache_index is None
                            else jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,)))
             if positions is None:
@@ -226,27 +251,26 @@ class Chameleon(nn.Module):
         x = Embedding(cfg, name="embed_tokens")(tokens)
         x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
         block = _block_class(cfg)
+        new_cache = None
         if cfg.scan_layers:
             layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic=deterministic, name="layers")
-            x, new_cache = layers(x, cache, positions, segment_ids, cache_index)
+            x, _ = layers(x, None, positions, segment_ids, None)
         else:
-            ks, vs = [], []
+            caches = []
             for i in range(cfg.num_layers):
-                layer_cache = None if cache is None else KVCache(k=cache.k[i], v=cache.v[i])
                 x, layer_cache = block(cfg, deterministic=deterministic, name=f"layers_{i}")(
-                    x, layer_cache, positions, segment_ids, cache_index
+                    x, None if cache is None else cache[i], positions, segment_ids, cache_index
                 )
-                if cache is not None:
-                    ks.append(layer_cache.k)
-                    vs.append(layer_cache.v)
-            new_cache = None if cache is None else KVCache(k=jnp.stack(ks), v=jnp.stack(vs))
+                caches.append(layer_cache)
+            if cache is not None:
+                new_cache = tuple(caches)
 
         hidden = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="norm")(x)
         if return_hidden:
@@ -254,6 +278,22 @@ class Chameleon(nn.Module):
         else:
             out = LMHead(cfg, name="lm_head")(hidden)
         return out if cache is None else (out, new_cache)
+
+
+def _check_cache(cfg: ChameleonConfig, cache: Sequence[KVCache], batch: int) -> None:
+    """Refuses a cache the unscanned forward cannot use, naming what to change."""
+    if cfg.scan_layers:
+        # nn.scan would need one stacked (L, B, S, K, H) cache, rebuilt at every decode step (slower, see
+        # docs/design.md "KV cache"); decoding runs unscanned layers on per-layer buffers instead.
+        raise ValueError("a KV cache needs unscanned layers: use config.replace(scan_layers=False) with "
+                         "unstack_layers(params) (or load with scan_layers=False)")
+    if not isinstance(cache, (tuple, list)) or len(cache) != cfg.num_layers:
+        got = f"{len(cache)} entries" if isinstance(cache, (tuple, list)) else type(cache).__name__
+        raise ValueError(f"cache must be a tuple of {cfg.num_layers} per-layer KVCaches (init_cache), got {got}")
+    k = cache[0].k
+    if k.shape[0] != batch or k.shape[2:] != (cfg.num_kv_heads, cfg.head_dim):
+        raise ValueError(f"cache buffers of shape {k.shape} do not match batch={batch}, "
+                         f"num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}")
 
 
 _LAYER_KEY = re.compile(r"^layers_(\d+)$")

@@ -1,27 +1,38 @@
-"""Prefill + one jitted `lax.while_loop` over a model callback, with guidance rows in the same batch.
+"""Prefill + one jitted `lax.while_loop` over the decoder's own forward, with guidance rows in the same batch.
 
-Rows 0..B-1 are the conditional sequences. With guidance (cfg != 1) rows B..2B-1 are their unconditional
-twins: while row b is outside an image its twin idles; when row b emits (or its prompt ends inside)
-<racm3:break>, the twin restarts at cache slot 0 / position 0 and from then on is fed the same tokens, so
-when row b holds [.., 8197, h, w, ..] its twin holds [8197, h, w, ..] at positions 0, 1, 2, .. (spec §7.2).
-All per-row decisions come from `processors.RowState`; the KV cache is static and preallocated.
+Rows 0..B-1 are the conditional sequences. With guidance (cfg_scale != 1) rows B..2B-1 are their
+unconditional twins: while row b is outside an image its twin idles; when row b emits (or its prompt ends
+inside) <racm3:break>, the twin restarts at cache slot 0 / position 0 and from then on is fed the same tokens,
+so when row b holds [.., <racm3:break>, h, w, ..] its twin holds [<racm3:break>, h, w, ..] at positions 0, 1,
+2, .. (the whole context of the reference's unconditional branch). All per-row decisions come from
+`processors.RowState`; the KV cache is the decoder's static, preallocated per-layer cache.
 
 Each step projects the hidden states onto the image ids only; the full-vocabulary projection (and its
 processing) runs under `lax.cond` only when some row is outside an image body.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+import itertools
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lumina_jax.sampling import processors as P
+from lumina_jax.config import ChameleonConfig
+from lumina_jax.models.attention import init_cache
+from lumina_jax.models.chameleon import Chameleon, compute_logits, lm_head_kernel, project_logits
+from lumina_jax.sampling import processors
 
 
 class DecodeModel(Protocol):
-    """What the loop needs from a model (all methods traceable; the object must be hashable)."""
+    """What the loop needs from a model (all methods traceable; the object must be hashable).
+
+    `ChameleonDecodeModel` is the one implementation; the protocol lets tests drive the loop with a model
+    whose logits are shifted on purpose (e.g. towards opening images).
+    """
 
     def init_cache(self, batch: int, length: int) -> Any: ...
 
@@ -40,60 +51,33 @@ class DecodeModel(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ChameleonDecodeModel:
-    """`DecodeModel` for the Chameleon decoder, driven layer by layer with the decoder's own modules.
+    """`DecodeModel` of the Chameleon decoder: `Chameleon.__call__` with its per-layer KV cache.
 
-    The cache is a tuple of per-layer `KVCache`s (B, S, K, H) rather than one stacked (L, B, S, K, H)
-    array, so each step updates every layer's buffer in place inside the loop; run through the scanned
-    model, each step re-materialises the whole stacked cache (several full copies per token). Parameters
-    may be scanned (`layers`, sliced per layer each step) or unstacked (`layers_0`, ... as loaded with
-    `scan_layers=False`: no per-step weight copies, the recommended layout for decoding).
+    Parameters are the unscanned layout (`scan_layers=False`, as `Lumina.load` and `unstack_layers` give):
+    the decode loop then updates one cache buffer per layer in place and slices no weights per step.
     """
 
-    config: Any  # ChameleonConfig (frozen, hashable)
+    config: ChameleonConfig  # scan_layers=False (the decoder refuses a cache with scanned layers)
 
     def init_cache(self, batch, length):
-        import flax.linen as nn
-
-        from lumina_jax.models.attention import CACHE_LAYER_AXES, KVCache
-
-        cfg = self.config
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-
-        def zeros():
-            return nn.with_logical_constraint(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_LAYER_AXES)
-
-        return tuple(KVCache(k=zeros(), v=zeros()) for _ in range(cfg.num_layers))
-
-    def _layer_params(self, params, i):
-        if "layers" in params:
-            return jax.tree.map(lambda x: x[i], params["layers"])
-        return params[f"layers_{i}"]
+        return init_cache(self.config, batch, length)
 
     def forward(self, params, tokens, positions, cache, cache_index):
-        from lumina_jax.models.chameleon import DecoderBlock, Embedding, RMSNorm
-
-        cfg = self.config
-        x = Embedding(cfg).apply({"params": params["embed_tokens"]}, tokens)
-        new_cache = []
-        for i, layer_cache in enumerate(cache):
-            x, layer_cache = DecoderBlock(cfg).apply({"params": self._layer_params(params, i)}, x, layer_cache,
-                                                     positions, None, cache_index)
-            new_cache.append(layer_cache)
-        norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
-        return norm.apply({"params": params["norm"]}, x), tuple(new_cache)
+        model = Chameleon(self.config.replace(remat_policy="none"))  # remat only matters under a gradient
+        return model.apply({"params": params}, tokens, positions=positions, cache=cache, cache_index=cache_index,
+                           return_hidden=True)
 
     def logits(self, params, hidden):
-        from lumina_jax.models.chameleon import compute_logits
-
-        return compute_logits(params, hidden[:, None, :], self.config)[:, 0, :].astype(jnp.float32)
+        return compute_logits(params, hidden[:, None], self.config)[:, 0].astype(jnp.float32)
 
     def slice_head(self, params, vocab_slice):
-        # sliced once, outside the loop (a slice inside the loop body would copy D x 8192 weights per step)
-        return params["lm_head"]["kernel"][:, vocab_slice[0]:vocab_slice[1]].astype(self.config.dtype)
+        return vocab_slice, lm_head_kernel(params, self.config, vocab_slice)
 
     def slice_logits(self, head, hidden):
-        # as compute_logits: compute dtype, float32 accumulation; the image-logit mask is never applied here
-        return jnp.einsum("rd,dv->rv", hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
+        # image ids are what the loop samples here, so the model's optional image-logit mask does not apply
+        vocab_slice, kernel = head
+        cfg = self.config.replace(mask_image_logits=False)
+        return project_logits(kernel, hidden[:, None], cfg, vocab_slice)[:, 0].astype(jnp.float32)
 
 
 class DecodeInputs(NamedTuple):
@@ -103,68 +87,87 @@ class DecodeInputs(NamedTuple):
     prompt_len: jax.Array  # (B,) int32
     uncond_prompt: jax.Array  # (B, Pu) int32: the prompt tail from an open image's <racm3:break>, else [start]
     uncond_len: jax.Array  # (B,) int32
-    state: P.RowState  # the image state at the end of each prompt
+    state: processors.RowState  # the image state at the end of each prompt
     row_keys: jax.Array  # (B,) typed PRNG keys, one per row
     forced_hw: jax.Array  # (B, 2) int32 forced (h, w) patches, -1 = free
 
 
 class DecodeOutput(NamedTuple):
     tokens: jax.Array  # (B, max_new_tokens) int32 generated ids; -1 after the row stopped
-    state: P.RowState  # final per-row state (num_generated, in_image = an unfinished image, ...)
+    state: processors.RowState  # final per-row state (num_generated, in_image = an unfinished image, ...)
     record: Optional[dict]  # per-step logits when record=True (tests and inspection)
 
 
 # ---- progress reporting from inside the jitted loop ------------------------------------------------------
-# The host callback runs on a runtime thread, so the current hook is a module-level slot (one generation at a
-# time per process reports progress; others run silently).
-_PROGRESS: list = [None]
+# The host callback is compiled into the loop, so a Python function passed per call would mean one compilation
+# per call. Instead each call registers its function under a fresh id and passes the id into the loop as data;
+# the one compiled callback looks it up, so concurrent generations each report to their own function.
 PROGRESS_EVERY = 4  # steps between host callbacks
+_listeners: dict[int, Callable[[int], None]] = {}
+_listener_ids = itertools.count(1)
 
 
-def _tick(done_steps):
-    fn = _PROGRESS[0]
+def _report(listener, done_steps):
+    fn = _listeners.get(int(listener))
     if fn is not None:
         fn(int(done_steps))
 
 
-class progress_hook:
-    """Context manager: `fn(step)` is called from the decode loop every few steps (host callback)."""
-
-    def __init__(self, fn: Callable[[int], None] | None):
-        self.fn = fn
-
-    def __enter__(self):
-        self.prev, _PROGRESS[0] = _PROGRESS[0], self.fn
-        return self
-
-    def __exit__(self, *exc):
-        _PROGRESS[0] = self.prev
+@contextlib.contextmanager
+def progress_listener(fn: Callable[[int], None] | None) -> Iterator[Optional[np.int32]]:
+    """Registers `fn(step)` for one decode call; yields the id to pass as `decode(..., progress=...)`
+    (None when `fn` is None: the loop then has no callback)."""
+    if fn is None:
+        yield None
+        return
+    key = next(_listener_ids)
+    _listeners[key] = fn
+    try:
+        yield np.int32(key)
+    finally:
+        del _listeners[key]
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
 
 
-def _sample(model, params, head, hidden, state, inputs, settings, ids, size_table, record, rec, B):
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """What each sampling step reads; fixed for one decode call."""
+
+    model: DecodeModel
+    params: Any
+    head: Any  # model.slice_head(params, ids.image_slice)
+    inputs: DecodeInputs
+    settings: processors.SamplingSettings
+    ids: processors.TokenIds
+    size_table: Optional[jax.Array]
+    record: bool | str
+    batch: int  # B, the conditional rows; guided rows follow them
+
+
+def _sample(ctx: _Step, hidden: jax.Array, state: processors.RowState, rec: Optional[dict]):
     """From final hidden states (R, D) of the last fed tokens: choose each cond row's next token."""
+    settings, ids, B = ctx.settings, ctx.ids, ctx.batch
     guided = settings.use_guidance
-    img = model.slice_logits(head, hidden)  # (R, n_img)
+    img = ctx.model.slice_logits(ctx.head, hidden)  # (R, n_img)
     cond_img, unc_img = (img[:B], img[B:]) if guided else (img, None)
-    keys = P.row_keys_at(inputs.row_keys, state)
-    body = P.process_body(cond_img, unc_img, state, settings)
-    phase = P.phase(state)
-    all_body = jnp.all(state.done | (phase == P.BODY))
+    keys = processors.row_keys_at(ctx.inputs.row_keys, state)
+    body = processors.process_body(cond_img, unc_img, state, settings)
+    phase = processors.phase(state)
+    all_body = jnp.all(state.done | (phase == processors.BODY))
 
     def fast(_):
-        return P.choose_tokens(body, None, state, keys, settings, ids)
+        return processors.choose_tokens(body, None, state, keys, settings, ids)
 
     def general(_):
-        full = model.logits(params, hidden[:B])
-        other = P.process_other(full, state, settings, ids, size_table if settings.constrain_size else None,
-                                inputs.forced_hw)
-        return P.choose_tokens(body, other, state, keys, settings, ids)
+        full = ctx.model.logits(ctx.params, hidden[:B])
+        table = ctx.size_table if settings.constrain_size else None
+        other = processors.process_other(full, state, settings, ids, table, ctx.inputs.forced_hw)
+        return processors.choose_tokens(body, other, state, keys, settings, ids)
 
     tok = jax.lax.cond(all_body, fast, general, None)
-    if record:
+    if ctx.record:
         idx = jnp.minimum(state.num_generated, settings.max_new_tokens - 1)
         rows = jnp.arange(B)
         act = ~state.done
@@ -174,23 +177,24 @@ def _sample(model, params, head, hidden, state, inputs, settings, ids, size_tabl
 
         rec = dict(rec)
         rec["cond_image"] = put(rec["cond_image"], cond_img)
-        guided_img = P.guide(cond_img, unc_img, state, settings.cfg_scale, settings.cfg_min_p)
+        guided_img = processors.guide(cond_img, unc_img, state, settings.cfg_scale, settings.cfg_min_p)
         rec["guided_image"] = put(rec["guided_image"], guided_img)
         if guided:
             rec["uncond_image"] = put(rec["uncond_image"], unc_img)
         if "cond_full" in rec:
-            rec["cond_full"] = put(rec["cond_full"], model.logits(params, hidden[:B]))
+            rec["cond_full"] = put(rec["cond_full"], ctx.model.logits(ctx.params, hidden[:B]))
     return tok, rec
 
 
-def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.SamplingSettings, ids: P.TokenIds,
-           size_table: jax.Array | None = None, cache_length: int | None = None, record: bool | str = False,
-           progress: bool = False) -> DecodeOutput:
+def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: processors.SamplingSettings,
+           ids: processors.TokenIds, size_table: jax.Array | None = None, cache_length: int | None = None,
+           record: bool | str = False, progress: Optional[jax.Array] = None) -> DecodeOutput:
     """Prefill every row, then sample until every row hit end-of-turn or `max_new_tokens` (traceable).
 
     `record=True` also returns, per step, the raw conditional and unconditional image-id logits and the
     guided ones (u + g(c - u) in BODY, after the `cfg_min_p` floor when set; c elsewhere); `record="full"`
-    adds the full conditional logits.
+    adds the full conditional logits. `progress` is an id from `progress_listener` (data, not static: a new
+    listener does not recompile the loop).
     """
     B, Pc = inputs.prompt.shape
     guided = settings.use_guidance
@@ -207,7 +211,8 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
     R, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
     cache = model.init_cache(R, S)
-    head = model.slice_head(params, ids.image_slice)
+    ctx = _Step(model, params, model.slice_head(params, ids.image_slice), inputs, settings, ids, size_table,
+                record, B)
     hidden, cache = model.forward(params, tokens, positions, cache, jnp.zeros((R,), jnp.int32))
     last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
 
@@ -227,9 +232,9 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
     def emit(state, out, tok):
         idx = jnp.minimum(state.num_generated, max_new - 1)
         out = out.at[rows, idx].set(jnp.where(state.done, out[rows, idx], tok))
-        return P.advance(state, tok, ids, max_new), out
+        return processors.advance(state, tok, ids, max_new), out
 
-    tok, rec = _sample(model, params, head, last, state, inputs, settings, ids, size_table, record, rec, B)
+    tok, rec = _sample(ctx, last, state, rec)
     state, out = emit(state, out, tok)
     ulen = inputs.uncond_len
 
@@ -247,10 +252,11 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
             feed = jnp.concatenate([feed, feed])
             pos = jnp.concatenate([slot, uslot])
         hidden, cache = model.forward(params, feed[:, None], pos[:, None], cache, pos)
-        tok, rec = _sample(model, params, head, hidden[:, 0], state, inputs, settings, ids, size_table, record, rec, B)
+        tok, rec = _sample(ctx, hidden[:, 0], state, rec)
         state, out = emit(state, out, tok)
-        if progress:
-            jax.lax.cond((step + 1) % PROGRESS_EVERY == 0, lambda: jax.debug.callback(_tick, step + 1), lambda: None)
+        if progress is not None:
+            jax.lax.cond((step + 1) % PROGRESS_EVERY == 0,
+                         lambda: jax.debug.callback(_report, progress, step + 1), lambda: None)
         return state, ulen, cache, out, rec, step + 1
 
     carry = (state, ulen, cache, out, rec, jnp.int32(1))
@@ -258,4 +264,4 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: P.Samp
     return DecodeOutput(out, state, rec)
 
 
-decode_jit = jax.jit(decode, static_argnames=("model", "settings", "ids", "cache_length", "record", "progress"))
+decode_jit = jax.jit(decode, static_argnames=("model", "settings", "ids", "cache_length", "record"))

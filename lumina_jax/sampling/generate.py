@@ -1,9 +1,12 @@
 """Token-level generation: prompts (id lists) in; generated ids, text-with-placeholders and images out.
 
+    special = SpecialIds.from_tokenizer(text_tokenizer)
+    ids = TokenIds.from_special_ids(special, config.vocab_size)
     rows = generate_tokens(model, params, [prompt_ids, ...], seeds=[0, 1], settings=SamplingSettings(...),
-                           ids=TokenIds(), size_table=size_table_from_crops(crop_size_list(512)))
+                           ids=ids, size_table=size_table_from_crops(crop_size_list(512)))
     parts = split_generation(rows[0].tokens, ids)   # text ids with one placeholder per image, image tokens
-    images = decode_images([p for r in rows for p in split_generation(r.tokens, ids).images], tok, special)
+    images = decode_images([p for r in rows for p in split_generation(r.tokens, ids).images], image_tokenizer,
+                           special)
 
 Prompts of different lengths share one batch (right-padded; each row's cache index starts at its own length).
 A row's randomness depends only on its seed and its own step count, never on the rest of the batch.
@@ -17,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lumina_jax.sampling import processors as P
-from lumina_jax.sampling.decode import DecodeInputs, DecodeModel, decode_jit, progress_hook
+from lumina_jax.image_tokenizer import map_batched_by_shape
+from lumina_jax.sampling import processors
+from lumina_jax.sampling.decode import DecodeInputs, DecodeModel, decode_jit, progress_listener
+from lumina_jax.unirep import UniRepError, unirep_to_codes
 
 PROMPT_BUCKET = 64  # prompt lengths are padded to a multiple of this, so similar prompts share one compilation
 
@@ -34,7 +39,7 @@ def size_table_from_crops(crop_sizes: Sequence[tuple[int, int]], patch: int = 32
     return t
 
 
-def prepare_inputs(prompts: Sequence[Sequence[int]], seeds: Sequence[int], ids: P.TokenIds,
+def prepare_inputs(prompts: Sequence[Sequence[int]], seeds: Sequence[int], ids: processors.TokenIds,
                    forced_hw: Sequence[Optional[tuple[int, int]]] | None = None,
                    bucket: int = PROMPT_BUCKET) -> DecodeInputs:
     """Right-padded prompt arrays, the unconditional prompts, the per-row state and keys (host side).
@@ -56,15 +61,16 @@ def prepare_inputs(prompts: Sequence[Sequence[int]], seeds: Sequence[int], ids: 
     tails, states = [], []
     for b, p in enumerate(prompts):
         prompt[b, :len(p)] = p
-        st = P.prompt_state(p, ids)
+        st = processors.prompt_state(p, ids)
         states.append(st)
         tails.append(list(p[st["image_start_index"]:]) if st["in_image"] else [ids.image_start])
     uw = -(-max(len(t) for t in tails) // bucket) * bucket
     uncond = np.zeros((B, uw), np.int32)
     for b, t in enumerate(tails):
         uncond[b, :len(t)] = t
-    state = P.initial_state([p[-1] for p in prompts], [s["in_image"] for s in states], [s["header"] for s in states],
-                            [s["h"] for s in states], [s["w"] for s in states], [s["body"] for s in states])
+    state = processors.initial_state([p[-1] for p in prompts], [s["in_image"] for s in states],
+                                     [s["header"] for s in states], [s["h"] for s in states],
+                                     [s["w"] for s in states], [s["body"] for s in states])
     keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
     forced = np.full((B, 2), -1, np.int32)
     for b, f in enumerate(forced_hw or [None] * B):
@@ -84,13 +90,15 @@ class RowTokens:
 
 
 def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[int]], *, seeds: Sequence[int],
-                    settings: P.SamplingSettings, ids: P.TokenIds, size_table: np.ndarray | None = None,
+                    settings: processors.SamplingSettings, ids: processors.TokenIds,
+                    size_table: np.ndarray | None = None,
                     forced_hw: Sequence[Optional[tuple[int, int]]] | None = None,
                     progress: Callable[[int], None] | None = None, record: bool | str = False,
                     input_sharding: Any = None):
     """Runs prefill + the decode loop for a batch of prompts; returns a list of `RowTokens`.
 
-    `progress(step)` is called from the loop after each step (e.g. a tqdm update). With `record`,
+    `progress(step)` is called from the loop every few steps with the number of tokens sampled so far (e.g. a
+    tqdm update); generations running at the same time each report to their own function. With `record`,
     returns `(rows, record_dict)` (see `decode.decode`). `input_sharding` (optional) places the inputs.
     """
     if settings.constrain_size and size_table is None:
@@ -107,9 +115,9 @@ def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[
     if input_sharding is not None:
         inputs = jax.device_put(inputs, input_sharding)
         table = jax.device_put(table, input_sharding)
-    with progress_hook(progress):
-        out = decode_jit(model, params, inputs, settings=settings, ids=ids, size_table=table,
-                         record=record, progress=progress is not None)
+    with progress_listener(progress) as listener:
+        out = decode_jit(model, params, inputs, settings=settings, ids=ids, size_table=table, record=record,
+                         progress=listener)
         out = jax.block_until_ready(out)
     toks = np.asarray(out.tokens)
     st = jax.tree.map(np.asarray, out.state)
@@ -130,14 +138,14 @@ def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[
 
 @dataclasses.dataclass
 class Segments:
-    """A generated sequence split into text and images (spec §7.1 `decode_ids`)."""
+    """A generated sequence split into text and images (docs/reference.md#stopping-and-output)."""
 
     text_ids: list[int]  # text ids, with `placeholder` where each closed image was, end-of-turn dropped
     images: list[list[int]]  # UniRep tokens of each closed image, <racm3:break> .. <eoss>
     unfinished: Optional[list[int]]  # tokens of an image still open at the end (reported, not dropped silently)
 
 
-def split_generation(tokens: Sequence[int], ids: P.TokenIds, placeholder: int = -1,
+def split_generation(tokens: Sequence[int], ids: processors.TokenIds, placeholder: int = -1,
                      drop_end_of_turn: bool = True) -> Segments:
     """Scans left to right: each <racm3:break> .. <eoss> span becomes one image and one placeholder."""
     toks = list(tokens)
@@ -164,21 +172,15 @@ def decode_images(image_tokens: Sequence[Sequence[int]], image_tokenizer, specia
 
     An image with a broken layout gives a `UniRepError` string in its place instead of an image.
     """
-    from lumina_jax.unirep import UniRepError, unirep_to_codes
-
     out: list[Any] = [None] * len(image_tokens)
-    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    valid, grids = [], []
     for i, t in enumerate(image_tokens):
         try:
-            codes, _, _ = unirep_to_codes(t, special)
+            grids.append(unirep_to_codes(t, special)[0])
+            valid.append(i)
         except UniRepError as e:
             out[i] = f"invalid image: {e}"
-            continue
-        groups.setdefault(codes.shape, []).append((i, codes))
-    for items in groups.values():
-        for s in range(0, len(items), max_batch):
-            chunk = items[s:s + max_batch]
-            pils = image_tokenizer.decode_to_pil(np.stack([c for _, c in chunk]))
-            for (i, _), im in zip(chunk, pils):
-                out[i] = im
+    decode = lambda chunk: image_tokenizer.decode_to_pil(np.stack(chunk))
+    for i, im in zip(valid, map_batched_by_shape(grids, lambda c: c.shape, decode, max_batch)):
+        out[i] = im
     return out

@@ -1,7 +1,8 @@
 """Per-row decoding state and the three logits processors of the reference, as pure jnp functions.
 
-Every decision the reference makes with Python state on a batch-1 processor object (spec §7.2-7.4) is a
-function of per-row counters here, so one jitted loop can drive a batch whose rows are at different stages:
+Every decision the reference makes with Python state on a batch-1 processor object (docs/reference.md,
+"Guidance", "Structure rules", "Interleaved top-k") is a function of per-row counters here, so one jitted loop
+can drive a batch whose rows are at different stages:
 
   phase TEXT    outside an image: text top-k; image ids and the end-of-image id are masked (see below)
   phase SIZE_H  after <racm3:break>: the height token; image top-k; optionally limited to the crop list
@@ -14,9 +15,10 @@ full vocabulary (`process_other`). The two share one sampling rule (`choose_toke
 per region from the row's own key, so a row samples the same token whichever of the two paths its batch took.
 
 Differences from the reference:
-- batched and stateless (spec §8 item 1-3); guidance uses the unconditional row of the same batch;
-- size tokens may be constrained to the crop list or forced (item 6; `constrain_size=False` reproduces the
-  reference's unconstrained sampling);
+- batched and stateless (docs/reference.md#batch-1-processors); guidance uses the unconditional row of the
+  same batch instead of a separate forward (docs/reference.md#separate-unconditional-pass);
+- size tokens may be constrained to the crop list or forced (docs/reference.md#unconstrained-size-tokens;
+  `constrain_size=False` reproduces the reference's unconstrained sampling);
 - outside images, image ids and <eoss> are masked (the reference leaves them allowed; a trained model never
   picks them, a random one does);
 - optional top-p after top-k and temperature; temperature 0 means greedy;
@@ -42,20 +44,25 @@ NEG_INF = -jnp.inf
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
-    """The token ids the sampler acts on (Chameleon / Lumina-mGPT values by default, spec §3)."""
+    """The token ids the sampler acts on: a hashable view (static under jit) of the tokenizer's `SpecialIds`,
+    built with `from_special_ids`; `lumina_jax.tokenizer` is the one table of special ids."""
 
-    image_start: int = 8197  # <racm3:break>
-    image_end: int = 8196  # <eoss>
-    new_line: int = 8803  # UniRep end of row
-    size_base: int = 8804  # size token id = size_base + patches of 32 px
-    end_of_turn: int = 8710  # <reserved08706>: stops generation
-    image_first: int = 4  # first image-code id (inclusive)
-    image_last: int = 8196  # last image-code id (exclusive)
-    vocab_size: int = 65536  # logits width
+    image_start: int  # <racm3:break>
+    image_end: int  # <eoss>
+    new_line: int  # UniRep end of row
+    size_base: int  # size token id = size_base + patches of 32 px
+    end_of_turn: int  # stops generation
+    image_first: int  # first image-code id (inclusive)
+    image_last: int  # last image-code id (exclusive)
+    vocab_size: int  # logits width (the decoder's vocab_size)
 
     def __post_init__(self):
         if not 0 <= self.image_first < self.image_last <= self.vocab_size:
             raise ValueError(f"TokenIds: image id range [{self.image_first}, {self.image_last}) outside the vocabulary")
+        for name in ("image_start", "image_end", "new_line", "size_base", "end_of_turn"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"TokenIds: {name}={getattr(self, name)} is outside the decoder's vocabulary of "
+                                 f"{self.vocab_size} ids")
 
     @property
     def num_image_ids(self) -> int:
@@ -156,7 +163,7 @@ def phase(state: RowState) -> jax.Array:
 
 
 def forced_token(state: RowState, ids: TokenIds) -> jax.Array:
-    """The token the layout forces for BODY rows (new line or <eoss>), else -1 (spec §7.3)."""
+    """The token the layout forces for BODY rows (new line or <eoss>), else -1 (docs/reference.md#structure-rules)."""
     width, height = 2 * state.w + 1, 2 * state.h  # latent row incl. new line, latent rows
     nxt = state.body + 1
     # jnp.remainder by a non-positive width (only for nonsense sizes in unconstrained mode) is guarded.
@@ -215,7 +222,7 @@ def kth_largest_key(x: jax.Array, k: int) -> jax.Array:
 
 
 def _top_k_mask(x: jax.Array, k: int) -> jax.Array:
-    """Sets entries below the k-th largest of each row to -inf; ties at the threshold are kept (§7.4)."""
+    """Sets entries below the k-th largest of each row to -inf; ties at the threshold are kept (as the reference)."""
     if k <= 0 or k >= x.shape[-1]:
         return x
     return jnp.where(_order_keys(x) < kth_largest_key(x, k), NEG_INF, x)
@@ -239,7 +246,7 @@ def _temperature(x: jax.Array, t: float) -> jax.Array:
 
 def guide(cond: jax.Array, uncond: jax.Array | None, state: RowState, cfg_scale: float,
           min_p: float = 0.0) -> jax.Array:
-    """u + g (c - u) for BODY rows (the size tokens exist), c elsewhere (spec §7.2).
+    """u + g (c - u) for BODY rows (the size tokens exist), c elsewhere (docs/reference.md#guidance).
 
     With `min_p` > 0 the guided rows keep only the entries where softmax(c) >= min_p * max softmax(c), i.e.
     c >= max(c) + log(min_p); the others become NEG_INF.
@@ -352,15 +359,3 @@ def choose_tokens(body_logits: jax.Array, other_logits: jax.Array | None, state:
         tok = jnp.where(phase(state) == BODY, tok, other)
     return tok
 
-
-def scores_full(body_logits: jax.Array, other_logits: jax.Array, state: RowState, ids: TokenIds) -> jax.Array:
-    """The processed scores as one (B, V) array, as the reference's processors would return them.
-
-    For inspection and tests; forced steps give 0 at the forced id and -inf elsewhere.
-    """
-    B, V = other_logits.shape
-    body = jnp.full((B, V), NEG_INF).at[:, ids.image_first:ids.image_last].set(body_logits)
-    forced = forced_token(state, ids)
-    only = jnp.where(jnp.arange(V)[None, :] == forced[:, None], 0.0, NEG_INF)
-    body = jnp.where((forced >= 0)[:, None], only, body)
-    return jnp.where((phase(state) == BODY)[:, None], body, other_logits)

@@ -69,7 +69,7 @@ def generate_jobs(lm: Lumina, jobs: Sequence[Job], progress: Callable[[int, int]
             images.append(job.images)
             seeds.append(job.seed + j)
             owner.append(k)
-    results = lm.generate(prompts, task=s.task, images=images, size=s.size, cfg=s.guidance,
+    results = lm.generate(prompts, task=s.task, images=images, size=s.size, guidance=s.guidance,
                           cfg_min_p=s.guidance_floor, image_top_k=s.image_top_k, text_top_k=s.text_top_k,
                           temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                           seeds=seeds, num_images=1, progress=progress if progress is not None else False,

@@ -43,7 +43,7 @@ def defaults_for(lm: Lumina, demo: bool) -> Defaults:
     if demo:
         return Defaults(f"{w}x{h}", 3.0, DEMO_CFG_MIN_P, 16)
     t2i = get_task("t2i")
-    return Defaults(f"{w}x{h}", t2i.cfg, 0.0, t2i.image_top_k)
+    return Defaults(f"{w}x{h}", t2i.guidance, 0.0, t2i.image_top_k)
 
 
 def size_choices(lm: Lumina) -> list[str]:
@@ -98,7 +98,7 @@ def t2i_job(lm: Lumina, defaults: Defaults, prompt: Any, size: Any = None, guida
     image_top_k = pick(image_top_k, defaults.image_top_k)
     if size is None:
         raise InferenceError("size is required for text to image (WIDTHxHEIGHT from the crop list)")
-    return _job(lm, "t2i", prompt, [], size, seed, num_images, _answer_limit(lm, "t2i", size), cfg=guidance,
+    return _job(lm, "t2i", prompt, [], size, seed, num_images, _answer_limit(lm, "t2i", size), guidance=guidance,
                 cfg_min_p=guidance_floor, image_top_k=image_top_k)
 
 

@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lumina_jax import param_checkpoint
-from lumina_jax.image_tokenizer import CONFIG_FILE, preprocess, to_uint8
+from lumina_jax.image_tokenizer import CONFIG_FILE, map_batched_by_shape, preprocess, to_uint8
 from lumina_jax.models.vqgan import VQGAN, VQGANConfig, init_params, nearest_codes
 
 REPORT_FILE = "train_report.json"
@@ -322,23 +322,23 @@ def reconstruct(tokenizer, images: Sequence[Image.Image], progress: bool = False
 
     Returns the reconstructions, in order, and the figures: pixel error (uint8 scale), PSNR, codebook usage
     and the perplexity of the codes used."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        by_size.setdefault(im.size, []).append(i)
-    recon: list = [None] * len(images)
-    codes_all, abs_err, sq_err, npix = [], 0.0, 0.0, 0
-    for idx in tqdm(by_size.values(), desc="eval sizes", disable=not progress):
-        x = np.stack([preprocess(images[i]) for i in idx])
+    bar = tqdm(total=len(images), desc="eval images", disable=not progress)
+
+    def run(chunk):
+        """(codes, reconstruction, |error| sum, error^2 sum, values) per image of one size."""
+        x = np.stack([preprocess(im) for im in chunk])
         codes = np.asarray(tokenizer.encode(x))
         out = to_uint8(np.asarray(tokenizer.decode(codes)))
-        codes_all.append(codes.reshape(-1))
-        ref = ((x + 1) * 127.5).round()
-        abs_err += float(np.abs(out.astype(np.float64) - ref).sum())
-        sq_err += float(np.square(out.astype(np.float64) - ref).sum())
-        npix += ref.size
-        for j, i in enumerate(idx):
-            recon[i] = Image.fromarray(out[j])
-    codes = np.concatenate(codes_all)
+        err = out.astype(np.float64) - ((x + 1) * 127.5).round()
+        bar.update(len(chunk))
+        return [(c.reshape(-1), Image.fromarray(o), float(np.abs(e).sum()), float(np.square(e).sum()), e.size)
+                for c, o, e in zip(codes, out, err)]
+
+    per_image = map_batched_by_shape(list(images), lambda im: im.size, run)
+    bar.close()
+    recon = [r[1] for r in per_image]
+    abs_err, sq_err, npix = (sum(r[k] for r in per_image) for k in (2, 3, 4))
+    codes = np.concatenate([r[0] for r in per_image])
     n = tokenizer.config.n_embed
     freq = np.bincount(codes, minlength=n) / codes.size
     nz = freq[freq > 0]
