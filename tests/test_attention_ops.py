@@ -13,10 +13,11 @@ import pytest
 from lumina_jax import sharding
 from lumina_jax.config import get_config
 from lumina_jax.models import attention_ops as ops
-from lumina_jax.sampling import processors as P
+from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel
 from lumina_jax.sampling.generate import generate_tokens, size_table_from_crops
 from lumina_jax.state import init_params, init_train_state, train_state_shardings
+from lumina_jax.tokenizer import SpecialIds
 from lumina_jax.training import train_step as ts
 from lumina_jax.training.config import LossConfig, OptimizerConfig
 from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -177,6 +178,11 @@ def test_auto_picks_by_backend_and_bad_names_fail_in_one_line():
     assert ops.resolve_impl("blockwise", "tpu") == "blockwise"
     with pytest.raises(ValueError, match="attention_impl='flash'.*known"):
         ops.resolve_impl("flash")
+    q, _, _, _ = inputs(1, 24, 24, 2, 2)
+    traced = lambda impl, block: str(jax.make_jaxpr(lambda q: ops.attention(q, q, q, impl=impl, block=block))(q))
+    if ops.resolve_impl("auto") == "blockwise":  # auto: dense while the scores fit in one block, blockwise beyond
+        assert "scan" not in traced("auto", 24) and "scan" in traced("auto", 8)
+    assert "scan" in traced("blockwise", 24) and "scan" not in traced("dense", 8)
     q, k, v, _ = inputs(1, 4, 6, 2, 2)
     with pytest.raises(ValueError, match="self-attention"):
         ops.attention(q, k, v, impl="dense")
@@ -213,14 +219,13 @@ def test_train_step_is_the_same_with_dense_and_blockwise_attention():
 
 def test_generation_is_the_same_with_dense_and_blockwise_attention():
     """The cached prefill and decode loop with guidance: the same tokens, and logits within 1e-4."""
-    ids = P.TokenIds(image_start=261, image_end=260, new_line=263, size_base=264, end_of_turn=262,
-                     image_first=4, image_last=260, vocab_size=512)
-    cfg = get_config("tiny")
+    ids = processors.TokenIds.from_special_ids(SpecialIds.from_layout(256, 512, compact=True), 512)
+    cfg = get_config("tiny", scan_layers=False)  # the decoder's layout: one cache buffer per layer
     params = jax.tree_util.tree_map_with_path(  # a sharp output layer: sampling far from uniform
         lambda p, x: x * 40.0 if "lm_head" in jax.tree_util.keystr(p) else x, init_params(cfg, 0))
     r = np.random.default_rng(0)
     prompts = [[0] + r.integers(300, 500, n).tolist() + [ids.end_of_turn, ids.image_start] for n in (5, 23)]
-    settings = P.SamplingSettings(cfg_scale=3.0, image_top_k=50, text_top_k=20, max_new_tokens=24)
+    settings = processors.SamplingSettings(cfg_scale=3.0, image_top_k=50, text_top_k=20, max_new_tokens=24)
     out = {}
     for impl in ("dense", "blockwise"):
         model = ChameleonDecodeModel(cfg.replace(attention_impl=impl, attention_block=16))

@@ -10,7 +10,8 @@ a prompt without a cache); with slots it is the KV-cache case (queries at cache_
   memory linear in T + S.
 - `splash`: JAX's Pallas splash-attention kernel on TPU (self-attention; the cache case falls back).
 - `cudnn`: cuDNN flash attention on GPU via `jax.nn.dot_product_attention` (bf16/fp16; self-attention).
-- `auto`: by backend at trace time: `AUTO_BY_PLATFORM`.
+- `auto`: by backend at trace time: `AUTO_BY_PLATFORM`; where that is `blockwise` and the whole (T, S) score
+  matrix fits in one block, `dense` (one tile either way, so nothing to save, and no recomputation).
 
 The kernels have static causal masks, so in the cache case they (and `auto`) hand over to `dense` for a
 few new tokens (a decode step: the (T, S) scores are small, one fused op) and to `blockwise` for longer ones.
@@ -71,6 +72,8 @@ def attention(
     if q_slots is not None and segment_ids is not None:
         raise ValueError("attention: segment_ids is for self-attention; the KV-cache case is causal by slot only")
     requested, impl = impl, resolve_impl(impl, dtype=q.dtype)
+    if requested == "auto" and impl == "blockwise" and T <= block and S <= block:
+        impl = "dense"  # one tile: blockwise would hold the same scores and recompute them for the gradient
     if q_slots is None:
         if S != T:
             raise ValueError(f"attention without slots is self-attention, but T={T} queries and S={S} keys")
