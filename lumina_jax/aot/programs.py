@@ -21,6 +21,7 @@ from lumina_jax.aot.analysis import JaxprStats, analyse_jaxpr
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.flops import matmul_params, train_flops_per_token
 from lumina_jax.models.attention import init_cache
+from lumina_jax.param_checkpoint import abstract_like
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
 from lumina_jax.sampling.generate import prepare_inputs, size_table_from_crops
@@ -138,7 +139,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     dm = ChameleonDecodeModel(cfg)  # its cache carries the logical cache axes; the rules shard it
     rows = spec.batch_size * (2 if settings.use_guidance else 1)
     S = host.prompt.shape[1] + max_new
-    kv = _attach(jax.eval_shape(lambda: init_cache(cfg, rows, S)), sharding.cache_shardings(cfg, mesh, rules))
+    kv = abstract_like(jax.eval_shape(lambda: init_cache(cfg, rows, S)), sharding.cache_shardings(cfg, mesh, rules))
     with sharding.sharding_context(mesh, rules):
         lowered = decode_jit.lower(dm, params, inputs, settings=settings, ids=ids, size_table=table)
         closed = jax.make_jaxpr(lambda p, i, t: decode_jit(dm, p, i, settings=settings, ids=ids, size_table=t))(
