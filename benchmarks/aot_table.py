@@ -1,17 +1,20 @@
-"""The deployment table of docs/aot.md: per stage and TPU generation, the smallest slice where the real
-program compiles and fits, found by compiling candidates (smallest first) with `python -m lumina_jax.aot`.
+"""The deployment tables of docs/aot.md: per stage, TPU generation and attention implementation (dense,
+the splash kernel), the smallest slice where the real program compiles and fits, found by compiling
+candidates (smallest first) with `python -m lumina_jax.aot`, and on that slice the largest micro-batch
+that fits (tried from 8 sequences per batch shard down, so refusals, which are quick, come first).
 
     python benchmarks/aot_table.py                      # all rows; results cached in --cache-dir
     python benchmarks/aot_table.py --only 7b-512 --fresh
-    python benchmarks/aot_table.py --write docs/aot.md  # replace the table between the markers
+    python benchmarks/aot_table.py --only train --write docs/aot.md  # replace the tables between the markers
 
 Train rows use the reference's per-device batch (8 sequences of data.seq_len per chip and optimizer step;
 docs/reference.md, 'FP-SFT settings') reached by gradient accumulation; generation rows use guidance at 768 px on tensor-parallel meshes.
 A candidate smaller than the first fitting one is listed with why it does not fit: the compiler's verdict,
 or a lower bound: a train step holds fp32 weights, both Adam moments and fp32 gradients at once (16 bytes
 per parameter), and when that alone exceeds the usable HBM the candidate is not compiled.
-This is a planning tool, not a speed benchmark: it runs no baseline, and each compile of a 7B/34B program
-takes minutes on a 2-core host.
+Train rows come in pairs, dense attention (the reference) beside the splash kernel, with the bytes each
+step accesses by XLA's cost analysis. This is a planning tool, not a speed benchmark: it runs nothing, and
+each compile of a 7B/34B program takes minutes on a 2-core host.
 """
 from __future__ import annotations
 
@@ -30,13 +33,15 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+MARKERS = {"train": ("<!-- aot-table:begin -->", "<!-- aot-table:end -->"),
+           "generate": ("<!-- aot-gen-table:begin -->", "<!-- aot-gen-table:end -->")}
 GiB = 1024 ** 3
 HBM = {"v5e": 16 * GiB, "v5p": 95 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
 # HBM the TPU compiler lets a program use, where we have seen it state it (v5e: "available HBM (15.75G)").
 USABLE = {"v5e": 15.75 * GiB}
 PARAMS = {"7b": 7.013e9, "34b": 34.294e9}  # decoder parameters (docs/reference.md, 'Model sizes')
 PER_DEVICE_BATCH = 8  # the reference: --batch_size 8 per GPU
+MICRO_BATCHES = (8, 4, 2)  # micro-batches (sequences per batch shard) tried on the smallest slice, largest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Row:
     mode: str
     model: str  # "7b" / "34b" (for the state-size bound)
     candidates: tuple  # Candidate, smallest slice first
+    attention: str = "dense"  # model.attention_impl
 
 
 def _chips(topology: str) -> int:
@@ -68,30 +74,37 @@ def _chips(topology: str) -> int:
 
 TP4 = "fsdp=-1,tensor=4"
 GEN = ("generate.batch_size=8",)
-ROWS = (
-    Row("7b-512-v5p", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "train", "7b",
-        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
+STAGES = (  # key, label, config, model
+    ("7b-512", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "7b"),
     # the 768 stage trains the same program as 512 (both data.seq_len=4096): the cache shares the compile
-    Row("7b-768-v5p", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
-        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
-    Row("7b-1024-v5p", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
-        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),)),
-    Row("34b-512-v5p", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "train", "34b",
-        (Candidate("v5p:2x2x1", "fsdp=-1", accum=8), Candidate("v5p:2x2x2", "fsdp=-1", accum=8),
-         Candidate("v5p:2x2x2", TP4, accum=32), Candidate("v5p:2x2x4", "fsdp=-1", accum=8))),
-    Row("7b-512-v5e", "7B FP-SFT 512", "configs/fpsft_7b_512.py", "train", "7b",
-        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
-         Candidate("v5e:4x4", TP4, accum=32))),
-    Row("7b-768-v5e", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "train", "7b",
-        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
-         Candidate("v5e:4x4", TP4, accum=32))),
-    Row("7b-1024-v5e", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "train", "7b",
-        (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32), Candidate("v5e:2x4", "tensor=-1", accum=64),
-         Candidate("v5e:4x4", TP4, accum=32), Candidate("v5e:4x8", TP4, accum=32))),
-    Row("34b-512-v5e", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "train", "34b",
-        (Candidate("v5e:4x8", TP4, accum=32), Candidate("v5e:8x8", TP4, accum=32),
-         Candidate("v5e:8x8", "fsdp=-1,tensor=8", accum=64),
-         Candidate("v5e:8x16", TP4, accum=32))),
+    ("7b-768", "7B FP-SFT 768", "configs/fpsft_7b_768.py", "7b"),
+    ("7b-1024", "7B FP-SFT 1024", "configs/fpsft_7b_1024.py", "7b"),
+    ("7b-omni", "7B Omni-SFT", "configs/omni_sft_7b.py", "7b"),
+    ("34b-512", "34B FP-SFT 512", "configs/fpsft_34b_512.py", "34b"),
+)
+V5E_7B_DENSE = (Candidate("v5e:2x2", TP4, accum=16), Candidate("v5e:2x4", TP4, accum=32),
+                Candidate("v5e:2x4", "tensor=-1", accum=64), Candidate("v5e:4x4", TP4, accum=32),
+                Candidate("v5e:4x8", TP4, accum=32))
+CANDIDATES = {  # (model, generation, attention) -> candidates, smallest slice first
+    ("7b", "v5p", "dense"): (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),),
+    ("7b", "v5p", "splash"): (Candidate("v5p:2x2x1", "fsdp=-1", accum=8),),
+    ("34b", "v5p", "dense"): (Candidate("v5p:2x2x1", "fsdp=-1", accum=8), Candidate("v5p:2x2x2", "fsdp=-1", accum=8),
+                              Candidate("v5p:2x2x2", TP4, accum=32), Candidate("v5p:2x2x4", "fsdp=-1", accum=8)),
+    ("34b", "v5p", "splash"): (Candidate("v5p:2x2x1", "fsdp=-1", accum=8), Candidate("v5p:2x2x2", "fsdp=-1", accum=8),
+                               Candidate("v5p:2x2x4", "fsdp=-1", accum=8)),
+    ("7b", "v5e", "dense"): V5E_7B_DENSE,
+    # the kernel keeps no (T, T) scores: plain FSDP first, tensor parallelism only if that does not fit
+    ("7b", "v5e", "splash"): (Candidate("v5e:2x2", "fsdp=-1", accum=8), Candidate("v5e:2x4", "fsdp=-1", accum=8),
+                              Candidate("v5e:4x4", "fsdp=-1", accum=8), Candidate("v5e:4x4", TP4, accum=32)),
+    ("34b", "v5e", "dense"): (Candidate("v5e:4x8", TP4, accum=32), Candidate("v5e:8x8", TP4, accum=32),
+                              Candidate("v5e:8x8", "fsdp=-1,tensor=8", accum=64), Candidate("v5e:8x16", TP4, accum=32)),
+    ("34b", "v5e", "splash"): (Candidate("v5e:4x8", "fsdp=-1", accum=8), Candidate("v5e:8x8", "fsdp=-1", accum=8),
+                               Candidate("v5e:8x8", TP4, accum=32), Candidate("v5e:8x16", "fsdp=-1", accum=8)),
+}
+TRAIN_ROWS = tuple(
+    Row(f"{key}-{gen}-{attention}", label, config, "train", model, CANDIDATES[(model, gen, attention)], attention)
+    for gen in ("v5p", "v5e") for key, label, config, model in STAGES for attention in ("dense", "splash"))
+GENERATE_ROWS = (
     Row("7b-gen-v5e", "7B generate 768, cfg 4, 8 prompts", "configs/fpsft_7b_768.py", "generate", "7b",
         (Candidate("v5e:2x2", "tensor=-1", remat="none", extra=GEN),)),
     Row("34b-gen-v5e", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
@@ -101,11 +114,13 @@ ROWS = (
     Row("34b-gen-v5p", "34B generate 768, cfg 4, 8 prompts", "configs/fpsft_34b_512.py", "generate", "34b",
         (Candidate("v5p:2x2x1", "tensor=-1", remat="none", extra=GEN),)),
 )
+ROWS = TRAIN_ROWS + GENERATE_ROWS
 
 
 def command(row: Row, c: Candidate, json_path: str) -> list[str]:
     cmd = [sys.executable, "-m", "lumina_jax.aot", "--topology", c.topology, "--config", row.config,
-           "--mode", row.mode, "--json", json_path, f"parallel.mesh={c.mesh}", f"parallel.rules={c.rules}"]
+           "--mode", row.mode, "--json", json_path, f"parallel.mesh={c.mesh}", f"parallel.rules={c.rules}",
+           f"model.attention_impl={row.attention}"]
     if row.mode == "train":
         cmd += ["--per-device-batch", str(PER_DEVICE_BATCH), f"parallel.grad_accum_steps={c.accum}",
                 f"model.remat_policy={c.remat}"]
@@ -191,29 +206,67 @@ def gib(n) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def table(results: list) -> str:
-    out = ["| stage | topology (chips) | mesh | batch / accumulation / remat | per chip: params + opt state, temporaries, total | HBM | headroom | step at 40% MFU | smaller slice |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for row, fit, smaller in results:
+TRAIN_COLUMNS = ("stage", "attention", "topology (chips)", "mesh", "batch / accumulation / remat",
+                 "per chip: params + opt state, temporaries, total", "headroom", "bytes accessed per chip and step",
+                 "largest micro-batch on this slice (accumulation): total", "step at 40% MFU", "smaller slice")
+GENERATE_COLUMNS = ("stage", "topology (chips)", "mesh", "batch", "per chip: weights, temporaries, total", "HBM",
+                    "headroom", "decode step", "smaller slice")
+
+
+def _where(fit: dict) -> list[str]:
+    mesh = ", ".join(f"{k}={v}" for k, v in fit["mesh"].items() if v > 1) or "1 device"
+    return [f"{fit['topology']} ({fit['chips']})", mesh]
+
+
+def train_cells(row: Row, fit: dict, smaller: str, micro: str) -> list[str]:
+    wl, inputs = fit["workload"], fit["inputs"]
+    state = inputs.get("parameters", 0) + inputs.get("optimizer state", 0)
+    accessed = fit.get("xla_bytes_accessed_per_device")
+    return [row.label, row.attention, *_where(fit),
+            f"{wl['global batch']}, {wl['per device']} per chip / {wl['grad accumulation']} / {wl['remat']}",
+            f"{gib(state)}, {gib(fit['temp_bytes'])}, {gib(fit['total_bytes'])}", gib(fit["headroom_bytes"]),
+            gib(accessed) if accessed else "-", micro, f"{fit['step_seconds']:.1f} s", smaller]
+
+
+def generate_cells(row: Row, fit: dict, smaller: str, micro: str) -> list[str]:
+    wl = fit["workload"]
+    return [row.label, *_where(fit),
+            f"{wl['prompts']} prompts ({wl['rows (with guidance)']} rows), {wl['new tokens']} new tokens",
+            f"{gib(fit['inputs']['parameters'])} (bf16 weights), {gib(fit['temp_bytes'])} (KV cache "
+            f"{gib(fit['decode']['kv_cache_bytes'])}), {gib(fit['total_bytes'])}",
+            gib(fit["hbm_bytes"]), gib(fit["headroom_bytes"]), f"{fit['step_seconds'] * 1e3:.1f} ms / token", smaller]
+
+
+TABLES = {"train": (TRAIN_COLUMNS, train_cells), "generate": (GENERATE_COLUMNS, generate_cells)}
+
+
+def table(results: list, mode: str) -> str:
+    """The markdown table of `mode`'s rows; (row, fit, smaller, micro) per row, fit None when nothing fits."""
+    columns, cells = TABLES[mode]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row, fit, smaller, micro in results:
         if fit is None:
-            out.append(f"| {row.label} | none of the candidates fits | | | | | | | {smaller} |")
-            continue
-        mesh = ", ".join(f"{k}={v}" for k, v in fit["mesh"].items() if v > 1) or "1 device"
-        inputs = fit["inputs"]
-        state = inputs.get("parameters", 0) + inputs.get("optimizer state", 0)
-        wl = fit["workload"]
-        if row.mode == "train":
-            work = f"{wl['global batch']}, {wl['per device']} per chip / {wl['grad accumulation']} / {wl['remat']}"
-            step = f"{fit['step_seconds']:.1f} s"
-            mem = f"{gib(state)}, {gib(fit['temp_bytes'])}, {gib(fit['total_bytes'])}"
+            head = [row.label] + ([row.attention] if mode == "train" else [])
+            verdict = "not compiled yet" if "not compiled yet" in smaller else "none of the candidates fits"
+            out = head + [verdict] + [""] * (len(columns) - len(head) - 2) + [smaller]
         else:
-            work = f"{wl['prompts']} prompts ({wl['rows (with guidance)']} rows), {wl['new tokens']} new tokens"
-            step = f"{fit['step_seconds'] * 1e3:.1f} ms / token"
-            mem = (f"{gib(inputs['parameters'])} (bf16 weights), {gib(fit['temp_bytes'])} (KV cache "
-                   f"{gib(fit['decode']['kv_cache_bytes'])}), {gib(fit['total_bytes'])}")
-        out.append(f"| {row.label} | {fit['topology']} ({fit['chips']}) | {mesh} | {work} | {mem} | "
-                   f"{gib(fit['hbm_bytes'])} | {gib(fit['headroom_bytes'])} | {step} | {smaller} |")
-    return "\n".join(out)
+            out = cells(row, fit, smaller, micro)
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def largest_micro_batch(row: Row, c: Candidate, fit: dict, evaluate_fn) -> str:
+    """On the slice of the fitting candidate `c` (one sequence per batch shard and micro-step), the largest
+    micro-batch in MICRO_BATCHES that also fits, tried largest first; "1" when none does."""
+    for mb in MICRO_BATCHES:
+        if c.accum % mb or c.accum // mb < 1:
+            continue
+        r = evaluate_fn(row, dataclasses.replace(c, accum=c.accum // mb))
+        if r.get("pending"):
+            return f"not compiled yet ({mb} and below)"
+        if r["fits"]:
+            return f"{mb} ({c.accum // mb}): {gib(r['total_bytes'])}"
+    return f"1 ({c.accum}): {gib(fit['total_bytes'])}"
 
 
 def adopt_cached(cache_dir: str) -> None:
@@ -221,7 +274,9 @@ def adopt_cached(cache_dir: str) -> None:
     current key of the candidate whose command they record."""
     wanted = {}
     for row in ROWS:
-        for c in row.candidates:
+        micro = [dataclasses.replace(c, accum=c.accum // mb) for c in row.candidates for mb in MICRO_BATCHES
+                 if row.mode == "train" and c.accum % mb == 0]
+        for c in row.candidates + tuple(micro):
             cmd = "python " + " ".join(command(row, c, "r.json")[1:]).replace(" --json r.json", "")
             wanted.setdefault(cmd, program_key(row, c))
     for fname in os.listdir(cache_dir):
@@ -236,24 +291,30 @@ def adopt_cached(cache_dir: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", default=None, help="row keys to run (prefix match), e.g. 7b-512 34b-gen")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="row keys to run (prefix match, e.g. 7b-512 34b-gen 7b-omni-v5p-splash) or a mode (train, generate)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "lumina_aot_results"),
                    help="where each compile's JSON report is kept, so a rerun only compiles what is missing")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and compile again")
     p.add_argument("--cached-only", action="store_true",
                    help="compile nothing: build the table from cached results (candidates not compiled yet are marked)")
     p.add_argument("--jobs", type=int, default=3, help="rows compiled at the same time (each compile is one process)")
-    p.add_argument("--write", default="", help="markdown file whose table between the aot-table markers is replaced")
+    p.add_argument("--write", default="",
+                   help="markdown file whose tables between the aot-table (train) and aot-gen-table (generate) markers "
+                        "are replaced, for the modes that the selected rows cover")
     args = p.parse_args(argv)
     global CACHED_ONLY
     CACHED_ONLY = args.cached_only
     os.makedirs(args.cache_dir, exist_ok=True)
     adopt_cached(args.cache_dir)
-    rows = [r for r in ROWS if args.only is None or any(r.key.startswith(o) for o in args.only)]
+    rows = [r for r in ROWS if args.only is None or any(r.key.startswith(o) or r.mode == o for o in args.only)]
     bar = tqdm(total=len(rows), desc="rows", unit="row")
 
+    def evaluate_fn(row: Row, c: Candidate) -> dict:
+        return evaluate(row, c, args.cache_dir, args.fresh, tqdm.write)
+
     def do_row(row: Row):
-        fit, smaller = None, "-"
+        fit, smaller, micro = None, "-", "-"
         for c in row.candidates:
             try:
                 r = evaluate(row, c, args.cache_dir, args.fresh, tqdm.write)
@@ -263,6 +324,12 @@ def main(argv=None) -> int:
                 break
             if r["fits"]:
                 fit = r
+                if row.mode == "train":
+                    try:
+                        micro = largest_micro_batch(row, c, r, evaluate_fn)
+                    except RuntimeError as e:
+                        tqdm.write(str(e))
+                        micro = f"error ({str(e)[-120:]})"
                 break
             if r.get("pending"):
                 smaller = f"{c.topology}: not compiled yet" + (f"; before it {smaller}" if smaller != "-" else "")
@@ -273,22 +340,27 @@ def main(argv=None) -> int:
         if fit is not None and smaller == "-" and row.mode == "train":
             smaller = "smallest slice of the generation"
         bar.update(1)
-        return row, fit, smaller
+        return row, fit, smaller, micro
 
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         results = list(pool.map(do_row, rows))
     bar.close()
-    text = table(results)
-    print(text)
+    tables = {mode: table([r for r in results if r[0].mode == mode], mode)
+              for mode in TABLES if any(r[0].mode == mode for r in results)}
+    for text in tables.values():
+        print(text)
     if args.write:
         with open(args.write) as f:
             doc = f.read()
-        if BEGIN not in doc or END not in doc:
-            raise SystemExit(f"{args.write}: no {BEGIN} ... {END} markers")
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+        for mode, text in tables.items():
+            begin, end = MARKERS[mode]
+            if begin not in doc or end not in doc:
+                raise SystemExit(f"{args.write}: no {begin} ... {end} markers")
+            head, rest = doc.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            doc = head + begin + "\n" + text + "\n" + end + tail
         with open(args.write, "w") as f:
-            f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
+            f.write(doc)
     return 0
 
 

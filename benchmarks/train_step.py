@@ -40,8 +40,11 @@ def make_batch(args):
     return tokens
 
 
-def build_ours(args, tokens):
-    """Our jitted step (compiled and run once); returns a closure running one more step."""
+def compile_ours(args, tokens, segment_ids=None, **model_overrides):
+    """Our train step compiled ahead of time for this batch: (compiled step, initial state, batch).
+
+    `segment_ids` (B, T): packed segments (default: one segment per row). `model_overrides`: ChameleonConfig
+    fields to change (e.g. attention_impl="blockwise")."""
     import jax
     import numpy as np
 
@@ -52,7 +55,8 @@ def build_ours(args, tokens):
     from lumina_jax.training.config import LossConfig, OptimizerConfig
     from lumina_jax.training.optimizer import learning_rate_schedule, make_optimizer
 
-    cfg = ChameleonConfig(**MODEL, dtype="float32", param_dtype="float32", z_loss_weight=0.0, dropout=0.0)
+    cfg = ChameleonConfig(**{**MODEL, "dtype": "float32", "param_dtype": "float32", "z_loss_weight": 0.0,
+                             "dropout": 0.0, **model_overrides})
     ocfg = OptimizerConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, b1=0.9, b2=0.95, weight_decay=0.1, clip_grad_norm=4.0)
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
     tx = make_optimizer(ocfg, 1000)
@@ -60,19 +64,27 @@ def build_ours(args, tokens):
                          learning_rate_schedule(ocfg, 1000), 1, mesh, sharding.FSDP_RULES)
     shardings = train_state_shardings(cfg, tx, mesh, sharding.FSDP_RULES)
     state = init_train_state(cfg, tx, mesh, sharding.FSDP_RULES, args.seed)
-    step = ts.jit_train_step(ctx, shardings)
-    B, T = args.batch, args.seq
+    B, T = tokens.shape[0], tokens.shape[1] - 1
     batch = ts.global_batch(ctx, {
         "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((B, T), np.float32),
-        "segment_ids": np.ones((B, T), np.int32), "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+        "segment_ids": np.ones((B, T), np.int32) if segment_ids is None else segment_ids,
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
     })
+    with sharding.sharding_context(mesh, sharding.FSDP_RULES):
+        compiled = ts.jit_train_step(ctx, shardings).jitted.lower(state, batch).compile()
+    return compiled, state, batch
+
+
+def build_ours(args, tokens, **model_overrides):
+    """Our step (compiled and run once); returns a closure running one more step."""
+    t0 = time.perf_counter()
+    compiled, state, batch = compile_ours(args, tokens, **model_overrides)
     holder = {"state": state}
 
     def run_step():
-        holder["state"], m = step(holder["state"], batch)
+        holder["state"], m = compiled(holder["state"], batch)
         return float(m["loss"])  # waits for the step
 
-    t0 = time.perf_counter()
     loss = run_step()
     print(f"ours : compile + first step {time.perf_counter() - t0:.1f}s, loss {loss:.4f}", flush=True)
     return run_step

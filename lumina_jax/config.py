@@ -12,6 +12,9 @@ import jax.numpy as jnp
 
 from lumina_jax.validation import check_float, check_int
 
+# Values of ChameleonConfig.attention_impl (implemented in lumina_jax.models.attention_ops).
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class ChameleonConfig:
@@ -42,10 +45,13 @@ class ChameleonConfig:
     logits_dtype: str = "float32"  # dtype of returned logits
     scan_layers: bool = True  # stack layers with nn.scan (parameters carry a leading "layers" axis)
     remat_policy: str = "none"  # named rematerialisation policy for each block (see models.chameleon.REMAT_POLICIES)
+    attention_impl: str = "auto"  # auto (by backend: TPU splash, GPU cudnn, CPU blockwise), dense, blockwise, splash, cudnn
+    attention_block: int = 512  # query/key block (tokens) of the blockwise and splash implementations
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "q_norm_rows", "k_norm_rows", "max_position_embeddings"):
+                     "head_dim", "q_norm_rows", "k_norm_rows", "max_position_embeddings",
+                     "attention_block"):
             check_int(f"ChameleonConfig.{name}", getattr(self, name), 1, 2**31 - 1)
         for name in ("image_token_start", "image_token_end"):
             check_int(f"ChameleonConfig.{name}", getattr(self, name), 0, 2**31 - 1)
@@ -70,6 +76,8 @@ class ChameleonConfig:
                 f"ChameleonConfig image_token_start={self.image_token_start}, image_token_end={self.image_token_end} "
                 "must satisfy 0 <= start <= end"
             )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ChameleonConfig.attention_impl={self.attention_impl!r} is unknown; known: {ATTENTION_IMPLS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.num_heads % self.q_norm_rows:

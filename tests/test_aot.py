@@ -1,7 +1,8 @@
 """Ahead-of-time compilation for TPU topologies (libtpu's compile-only devices; nothing runs on a TPU).
 
-The tiny CPU config is compiled for v5e:2x2 in both modes; one deliberately oversized program must fail
-with a message naming the topology, the need and the capacity.
+The tiny CPU config is compiled for v5e:2x2 in both modes (attention_impl=auto: the splash kernel, as on a
+TPU); one deliberately oversized program must fail with a message naming the topology, the need and the
+capacity. The FLOP-count checks use dense attention, whose matrix products the jaxpr counter sees.
 """
 import math
 
@@ -81,6 +82,16 @@ def test_train_step_compiles_on_two_slices(train_report):
     assert r.inputs["batch"] == train_report.inputs["batch"]  # 2 sequences per chip in both (16 over 8 chips)
 
 
+def test_train_step_compiles_with_the_splash_kernel(train_report):
+    """attention_impl=auto means the TPU's implementation: the compiled step calls the Pallas splash kernel
+    (a Mosaic custom call) and has no dense attention."""
+    r = train_report
+    assert r.workload["attention"] == "splash"
+    hlo = r.compiled.as_text()
+    assert "tpu_custom_call" in hlo and "splash" in hlo
+    assert "bkgts" not in hlo  # the dense path's score einsum
+
+
 def test_train_step_compiles_with_memory_report(train_report):
     r = train_report
     assert r.fits and r.temp_bytes is not None and r.headroom_bytes > 15 * GiB
@@ -140,7 +151,7 @@ def test_generate_loop_compiles_with_memory_report():
 
 def test_program_that_cannot_fit_fails_naming_topology_need_and_capacity(capsys):
     rc = cli.main(["--topology", "v5e:2x2", "--config", TINY, "--mode", "train", "data.seq_len=8192",
-                   "loss.chunk_size=8192", "--per-device-batch", "16"])
+                   "loss.chunk_size=8192", "--per-device-batch", "16", "model.attention_impl=dense"])
     out = capsys.readouterr().out
     assert rc == cli.EXIT_DOES_NOT_FIT
     verdict = [line for line in out.splitlines() if "does not fit" in line]
@@ -172,10 +183,11 @@ def test_jaxpr_flops_match_the_model_formula_and_count_remat():
     remat."""
     topo = parse_topology("v5e:2x2")
     mesh = build_mesh(topo, topology_devices(topo), "fsdp=-1")
-    base = load_config(TINY, ["parallel.grad_accum_steps=2"])
+    dense = "model.attention_impl=dense"
+    base = load_config(TINY, ["parallel.grad_accum_steps=2", dense])
     plain = lower_train(base, mesh)
     np.testing.assert_allclose(plain.jaxpr_stats.flops, plain.model_flops, rtol=1e-6)
-    remat = lower_train(load_config(TINY, ["parallel.grad_accum_steps=2", "model.remat_policy=full"]), mesh)
+    remat = lower_train(load_config(TINY, ["parallel.grad_accum_steps=2", "model.remat_policy=full", dense]), mesh)
     ratio = remat.jaxpr_stats.flops / remat.model_flops
     assert 1.2 < ratio < 1.34, ratio
 
@@ -186,6 +198,7 @@ def test_jaxpr_flops_agree_with_the_compiled_program_without_loops():
     compiled TPU program sees every operation: it agrees with the jaxpr count of matrix products to within
     the elementwise work (a few percent) - the check that the counter reads the compiled work right."""
     r = _run("--topology", "v5e:2x2", "--config", TINY, "--mode", "train", "model.scan_layers=false",
-             "model.num_layers=1", "model.hidden_size=128", "model.head_dim=32", "model.intermediate_size=256")
+             "model.num_layers=1", "model.hidden_size=128", "model.head_dim=32", "model.intermediate_size=256",
+             "model.attention_impl=dense")
     ratio = r.xla_flops_per_device / (r.program_flops / 4)
     assert 1.0 <= ratio < 1.1, ratio  # measured 1.04 at these shapes (1.02 at hidden 256)

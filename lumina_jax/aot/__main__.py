@@ -24,6 +24,7 @@ from lumina_jax import param_checkpoint  # noqa: E402
 from lumina_jax.aot.programs import GenerateSpec, lower_generate, lower_train  # noqa: E402
 from lumina_jax.aot.report import compile_and_report, format_report  # noqa: E402
 from lumina_jax.aot.topology import build_mesh, parse_topology, topology_devices  # noqa: E402
+from lumina_jax.models.attention_ops import resolve_impl  # noqa: E402
 from lumina_jax.training.config import apply_override, load_config  # noqa: E402
 from lumina_jax.validation import float_flag, int_flag  # noqa: E402
 
@@ -93,6 +94,9 @@ def run(args: argparse.Namespace):
         if total != int(total):
             raise ValueError(f"--per-device-batch {args.per_device_batch} x {topo.num_chips} chips is not a whole batch")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, global_batch_size=int(total)))  # re-checked
+    # attention_impl=auto means what it would on the target chips (the splash kernel), not on this CPU host
+    impl = resolve_impl(cfg.model.attention_impl, "tpu", cfg.model.dtype)
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(attention_impl=impl))
     devices = topology_devices(topo)
     mesh = build_mesh(topo, devices, cfg.parallel.mesh)
     if args.mode == "train":

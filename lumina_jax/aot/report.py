@@ -53,6 +53,7 @@ class Report:
     program_flops: float = 0.0  # all devices, per step: matrix products counted on the jaxpr
     model_flops: float = 0.0  # all devices, per step: 6N + attention (train) / 2N + attention per token (generate)
     xla_flops_per_device: Optional[float] = None  # XLA cost analysis (each loop body counted once)
+    xla_bytes_accessed_per_device: Optional[float] = None  # XLA cost analysis: HBM bytes read + written (ditto)
     while_loops: int = 0
     largest: list = dataclasses.field(default_factory=list)  # strings, largest first
     replicated_fraction: Optional[float] = None
@@ -186,6 +187,7 @@ def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     rep.xla_flops_per_device = float(cost.get("flops", 0.0)) if cost else None
+    rep.xla_bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0)) if cost else None
     rep.fits = rep.total_bytes <= rep.hbm_bytes
     if not rep.fits:
         rep.largest = _largest_buffers(rep, program)
@@ -241,6 +243,9 @@ def format_report(rep: Report) -> str:
                  + ("  [6P + 12 L N H T per token]" if rep.mode == "train" else "  [2P + 4 L N H S per row]"))
     if rep.xla_flops_per_device is not None:
         lines.append(f"  XLA cost analysis  {rep.xla_flops_per_device:.4g} per device  [counts each loop body once]")
+    if rep.xla_bytes_accessed_per_device is not None:
+        lines.append(f"bytes accessed      {format_bytes(rep.xla_bytes_accessed_per_device)} per device  "
+                     "[XLA cost analysis; counts each loop body once]")
     if rep.mode == "train":
         lines.append(f"step time   {format_seconds(rep.step_seconds())} at {rep.mfu:.0%} MFU "
                      f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip, model FLOPs)")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lumina_jax.config import ChameleonConfig
+from lumina_jax.models import attention_ops
 
 Array = jax.Array
 
@@ -150,16 +151,6 @@ class HeadLayerNorm(nn.Module):
         return y * scale + bias
 
 
-def attention_mask(
-    q_slots: Array, k_slots: Array, q_segments: Optional[Array], k_segments: Optional[Array]
-) -> Array:
-    """Boolean (B, T, S) mask: key slot <= query slot, and equal segment ids when given."""
-    mask = k_slots[:, None, :] <= q_slots[:, :, None]
-    if q_segments is not None:
-        mask &= q_segments[:, :, None] == k_segments[:, None, :]
-    return mask
-
-
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention of a Chameleon block (no biases)."""
 
@@ -198,23 +189,15 @@ class Attention(nn.Module):
         T = x.shape[1]
         if cache is None:
             new_cache = None
-            slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), positions.shape)
-            mask = attention_mask(slots, slots, segment_ids, segment_ids)
+            q_slots = k_slots = None  # self-attention over slots 0..T-1
         else:
             new_cache = cache.write(k, v, cache_index)
             k, v = new_cache.read(dtype)
             q_slots = cache_index[:, None] + jnp.arange(T, dtype=jnp.int32)
             k_slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (k.shape[0], k.shape[1]))
-            mask = attention_mask(q_slots, k_slots, None, None)
 
-        B, G = x.shape[0], N // K
-        qg = q.reshape(B, T, K, G, H)
-        # Scores and softmax in float32 whatever the compute dtype; kv head j serves query heads j*G..j*G+G-1.
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / jnp.sqrt(jnp.float32(H)))
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+        out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, q_slots=q_slots, k_slots=k_slots,
+                                      segment_ids=segment_ids, block=cfg.attention_block)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         out = Linear((N, H, D), ("heads", "kv", "embed"), "btnh,nhd->btd", dtype, pdtype, name="o_proj")(out)
         out = checkpoint_name(out, "out_proj")
