@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from lumina_jax.inference import DEMO_CFG_MIN_P
+from lumina_jax.inference import DEMO_CFG_MIN_P, add_jacobi_flags
 
 PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
 
@@ -42,7 +42,7 @@ def parse_scales(text: str) -> list[float]:
 
 def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_top_k: int = 16,
                    temperature: float = 1.0, max_new_tokens: int = 128, progress: bool = True,
-                   cfg_min_p: float = 0.0) -> list:
+                   cfg_min_p: float = 0.0, jacobi=None) -> list:
     """One PIL image per spec (or None where no image came out), all specs in one batch; row i uses seed + i.
 
     Sizes differ per row, so rows are built here with their own forced size tokens (the per-row `forced_hw`
@@ -60,18 +60,18 @@ def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_to
         prompts.append(lm.prompt_ids(s.caption, "t2i", [], s.size) + header)
         forced.append((h, w))
         headers.append(header)
-    rows = lm._run(prompts, [seed + i for i in range(len(specs))], forced, settings, progress)
+    rows = lm._run(prompts, [seed + i for i in range(len(specs))], forced, settings, progress, jacobi=jacobi)
     results = []
     for s, header, r in zip(specs, headers, rows):
         r.tokens = header + r.tokens
-        results.append(lm._result(s.caption, "t2i", 0, r, settings, s.size))
+        results.append(lm._result(s.caption, "t2i", 0, r, settings, s.size, jacobi))
     lm._decode_all(results)
     return [next((im for im in r.images if not isinstance(im, str)), None) for r in results]
 
 
 def evaluate(lm, scales: Sequence[float], per_split: int = PER_SPLIT, seed: int = 0, spec_seed: int = 1234,
              image_top_k: int = 16, temperature: float = 1.0, out_dir: str | None = None,
-             progress: bool = True, cfg_min_p: float = 0.0) -> list[dict]:
+             progress: bool = True, cfg_min_p: float = 0.0, jacobi=None) -> list[dict]:
     """Generates and scores; returns the rows of `shape_analysis.accuracy_table` (and saves PNGs to out_dir)."""
     from PIL import Image
 
@@ -82,7 +82,7 @@ def evaluate(lm, scales: Sequence[float], per_split: int = PER_SPLIT, seed: int 
     results = {}
     for g in scales:
         images = generate_specs(lm, specs, g, seed=seed, image_top_k=image_top_k, temperature=temperature,
-                                progress=progress, cfg_min_p=cfg_min_p)
+                                progress=progress, cfg_min_p=cfg_min_p, jacobi=jacobi)
         # a missing image scores as a blank 1x1 picture: wrong on every attribute
         pairs = [(s, im if im is not None else Image.new("RGB", (1, 1))) for s, im in zip(specs, images)]
         results[g] = pairs
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-min-p", type=float, default=DEMO_CFG_MIN_P,
                    help="with guidance, sample only codes whose conditional probability is at least this share "
                         "of the top code's (0 = guidance as the reference)")
+    add_jacobi_flags(p)
     p.add_argument("--out", default=None, help="also save every generated image under OUT/guidance<g>/")
     p.add_argument("--json", default=None, help="also write the table rows to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from lumina_jax.demo.shape_analysis import format_table
-    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina
+    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina, jacobi_settings
 
     try:
         scales = parse_scales(args.guidance)
@@ -127,15 +128,17 @@ def main(argv=None) -> int:
             raise ValueError(f"--per-split {args.per_split}: must be >= 1")
         if not 0.0 <= args.cfg_min_p < 1.0:
             raise ValueError(f"--cfg-min-p {args.cfg_min_p}: must be in [0, 1)")
+        jacobi = jacobi_settings(args.jacobi_window, args.jacobi_coupling)
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
     except (ValueError, InferenceError) as e:
         print(f"lumina_jax.demo.evaluate: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     rows = evaluate(lm, scales, args.per_split, args.seed, args.spec_seed, args.image_top_k, args.temperature,
-                    args.out, progress=not args.quiet, cfg_min_p=args.cfg_min_p)
+                    args.out, progress=not args.quiet, cfg_min_p=args.cfg_min_p, jacobi=jacobi)
+    sjd = f"SJD window {jacobi.window} {'coupled' if jacobi.coupled else 'plain'}" if jacobi else "autoregressive"
     print(f"checkpoint {lm.directory}, target size {lm.target_size}, image top-k {args.image_top_k}, "
-          f"temperature {args.temperature:g}, cfg min-p {args.cfg_min_p:g}, {time.perf_counter() - t0:.0f} s")
+          f"temperature {args.temperature:g}, cfg min-p {args.cfg_min_p:g}, {sjd}, {time.perf_counter() - t0:.0f} s")
     print(format_table(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

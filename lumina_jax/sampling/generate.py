@@ -89,6 +89,7 @@ class RowTokens:
     stopped: str  # "end_of_turn" or "length"
     unfinished_image: Optional[dict]  # {"h", "w", "body_tokens"} when the length limit cut an image, else None
     accepted: Optional[list[int]] = None  # speculative Jacobi decoding: tokens accepted at each model step
+    steps: int = 0  # model steps that produced the tokens (the prefill's included; = len(tokens) without SJD)
 
 
 def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[int]], *, seeds: Sequence[int],
@@ -142,8 +143,8 @@ def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[
         if bool(st.in_image[b]):
             unfinished = {"h": int(st.h[b]) if st.header[b] >= 1 else None,
                           "w": int(st.w[b]) if st.header[b] >= 2 else None, "body_tokens": int(st.body[b])}
-        steps = None if accepted is None else accepted[b][:int(out.steps[b])].tolist()
-        rows.append(RowTokens(t, stopped, unfinished, steps))
+        per_step = None if accepted is None else accepted[b][:int(out.steps[b])].tolist()
+        rows.append(RowTokens(t, stopped, unfinished, per_step, len(t) if per_step is None else len(per_step)))
     if record:
         return rows, jax.tree.map(np.asarray, out.record)
     return rows
