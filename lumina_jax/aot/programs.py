@@ -21,6 +21,7 @@ from lumina_jax.aot.analysis import JaxprStats, analyse_jaxpr
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.flops import matmul_params, train_flops_per_token
 from lumina_jax.models.attention import init_cache
+from lumina_jax.param_checkpoint import abstract_like
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
 from lumina_jax.sampling.generate import prepare_inputs, size_table_from_crops
@@ -145,7 +146,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     rows = spec.batch_size * (2 if settings.use_guidance else 1)
     width = jacobi.window if jacobi else 1  # tokens each row feeds per step
     S = host.prompt.shape[1] + max_new + (width if jacobi else 0)
-    kv = _attach(jax.eval_shape(lambda: init_cache(cfg, rows, S)), sharding.cache_shardings(cfg, mesh, rules))
+    kv = abstract_like(jax.eval_shape(lambda: init_cache(cfg, rows, S)), sharding.cache_shardings(cfg, mesh, rules))
     if jacobi:
         loop = lambda p, i, t: jacobi_jit(dm, p, i, settings=settings, ids=ids, jacobi=jacobi, size_table=t)
     else:
