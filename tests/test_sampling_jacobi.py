@@ -13,7 +13,7 @@ from scipy import stats
 
 from lumina_jax import sharding as S
 from lumina_jax import state as state_lib
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.models.chameleon import Chameleon, unstack_layers
 from lumina_jax.sampling import jacobi, processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
@@ -31,7 +31,7 @@ P_MIN = 1e-4  # chi-square p-value below which the distributions are declared di
 @pytest.fixture(scope="module")
 def tiny():
     """(scanned config, params) for full forwards and (unscanned config, params) for decoding."""
-    cfg = get_config("tiny")
+    cfg = model_preset("tiny")
     params = state_lib.init_params(cfg, 0)
     params = jax.tree_util.tree_map_with_path(  # a sharper output layer: far from uniform, context-dependent
         lambda p, x: x * 15.0 if "lm_head" in jax.tree_util.keystr(p) else x, params)
