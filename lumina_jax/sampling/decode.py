@@ -146,7 +146,7 @@ class _Step:
     batch: int  # B, the conditional rows; guided rows follow them
 
 
-def _choose(ctx: _Step, hidden: jax.Array, body: jax.Array, state: processors.RowState) -> jax.Array:
+def choose_next(ctx: _Step, hidden: jax.Array, body: jax.Array, state: processors.RowState) -> jax.Array:
     """Each cond row's next token from the processed image-id logits `body` (B, n_img) of BODY rows and, for
     rows outside an image body, the full-vocabulary logits of `hidden` (R, D) (computed only when needed)."""
     settings, ids, B = ctx.settings, ctx.ids, ctx.batch
@@ -165,20 +165,20 @@ def _choose(ctx: _Step, hidden: jax.Array, body: jax.Array, state: processors.Ro
     return jax.lax.cond(all_body, fast, general, None)
 
 
-def _split_guided(ctx: _Step, img: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+def split_guided(ctx: _Step, img: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
     """Image-id logits of all R rows -> (cond rows, their unconditional twins or None without guidance)."""
     B = ctx.batch
     return (img[:B], img[B:]) if ctx.settings.use_guidance else (img, None)
 
 
-def _sample(ctx: _Step, hidden: jax.Array, state: processors.RowState, rec: Optional[dict]):
+def sample_next(ctx: _Step, hidden: jax.Array, state: processors.RowState, rec: Optional[dict]):
     """From final hidden states (R, D) of the last fed tokens: choose each cond row's next token.
 
     Returns (tokens, processed image-id logits of the cond rows, record)."""
     settings, B = ctx.settings, ctx.batch
-    cond_img, unc_img = _split_guided(ctx, ctx.model.slice_logits(ctx.head, hidden))  # (B, n_img) each
+    cond_img, unc_img = split_guided(ctx, ctx.model.slice_logits(ctx.head, hidden))  # (B, n_img) each
     body = processors.process_body(cond_img, unc_img, state, settings)
-    tok = _choose(ctx, hidden, body, state)
+    tok = choose_next(ctx, hidden, body, state)
     if ctx.record:
         idx = jnp.minimum(state.num_generated, settings.max_new_tokens - 1)
         rows = jnp.arange(B)
@@ -270,7 +270,7 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: proces
         out = out.at[rows, idx].set(jnp.where(state.done, out[rows, idx], tok))
         return processors.advance(state, tok, ids, max_new), out
 
-    tok, _, rec = _sample(ctx, last, state, rec)
+    tok, _, rec = sample_next(ctx, last, state, rec)
     state, out = emit(state, out, tok)
     ulen = inputs.uncond_len
 
@@ -287,7 +287,7 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: proces
             feed = jnp.concatenate([feed, feed])
             pos = jnp.concatenate([slot, uslot])
         hidden, cache = model.forward(params, feed[:, None], pos[:, None], cache, pos)
-        tok, _, rec = _sample(ctx, hidden[:, 0], state, rec)
+        tok, _, rec = sample_next(ctx, hidden[:, 0], state, rec)
         state, out = emit(state, out, tok)
         report_progress(progress, step, step + 1)
         return state, ulen, cache, out, rec, step + 1

@@ -30,7 +30,7 @@ the autoregressive regions 0 and 1 stay for the steps outside image bodies. Ever
 most once, so no random number decides twice, and a row's tokens depend only on its prompt and seed.
 
 Outside image bodies (text, the size tokens) a step accepts exactly the one token the autoregressive rule
-(`decode._choose`, same keys) gives; a window never crosses the image's <eoss> nor `max_new_tokens`.
+(`decode.choose_next`, same keys) gives; a window never crosses the image's <eoss> nor `max_new_tokens`.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from lumina_jax.sampling import processors
-from lumina_jax.sampling.decode import (DecodeInputs, DecodeModel, _choose, _sample, _split_guided, prefill,
+from lumina_jax.sampling.decode import (DecodeInputs, DecodeModel, choose_next, sample_next, split_guided, prefill,
                                         report_progress, twin_slots)
 
 ACCEPT, RESIDUAL, DRAFT = 2, 3, 4  # key regions (0 and 1 are the autoregressive sampler's)
@@ -138,7 +138,7 @@ def jacobi_decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings:
     rows = jnp.arange(B)
 
     state = inputs.state
-    tok, body, _ = _sample(ctx, last, state, None)
+    tok, body, _ = sample_next(ctx, last, state, None)
     out = jnp.full((B, max_new), -1, jnp.int32).at[:, 0].set(tok)
     state = processors.advance(state, tok, ids, max_new)
     accepted = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(1)
@@ -167,13 +167,13 @@ def jacobi_decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings:
         hidden, cache = model.forward(params, feed, pos, cache, start)  # (R, L, D)
         R, _, D = hidden.shape
         img = model.slice_logits(ctx.head, hidden.reshape(R * L, D)).reshape(R, L, -1)
-        cond, unc = (None if x is None else x.reshape(B * L, -1) for x in _split_guided(ctx, img))
+        cond, unc = (None if x is None else x.reshape(B * L, -1) for x in split_guided(ctx, img))
         per_pos = jax.tree.map(lambda x: jnp.repeat(x, L, axis=0), state)  # guidance applies in BODY
         logits = processors.process_body(cond, unc, per_pos, settings)  # (B * L, n)
         p = processors.body_probs(logits, settings).reshape(B, L, -1)
 
         # the autoregressive token for rows outside an image body; verification for the rest
-        ar_tok = _choose(ctx, hidden[:, 0], logits.reshape(B, L, -1)[:, 0], state)
+        ar_tok = choose_next(ctx, hidden[:, 0], logits.reshape(B, L, -1)[:, 0], state)
         u = jax.vmap(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32)))(
             _keys(inputs.row_keys, n, L - 1, ACCEPT))
         residual_keys = _keys(inputs.row_keys, n, L, RESIDUAL)
