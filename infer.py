@@ -22,7 +22,7 @@ from lumina_jax.validation import SEED_MAX, float_flag, int_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lumina_jax.inference import add_placement_flags
+    from lumina_jax.inference import add_jacobi_flags, add_placement_flags
     from lumina_jax.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation length limit per answer (default 8192)")
     p.add_argument("--unconstrained-size", action="store_true",
                    help="sample the size tokens freely, as the reference (default: only crop-list sizes)")
+    add_jacobi_flags(p)
     add_placement_flags(p)
     p.add_argument("--out", required=True,
                    help="output directory for the PNGs and JSON sidecars (created; files of earlier runs are kept: "
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
                               cfg_min_p=args.cfg_min_p, image_top_k=args.image_top_k, text_top_k=args.text_top_k,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               num_images=args.num_images, max_new_tokens=args.max_new_tokens,
-                              constrain_size=not args.unconstrained_size, progress=args.progress)
+                              constrain_size=not args.unconstrained_size, progress=args.progress,
+                              jacobi_window=args.jacobi_window, jacobi_coupling=args.jacobi_coupling)
         run_info = {k: v for k, v in vars(args).items() if k not in ("prompt", "progress")}
         written = Lumina.save(results, args.out, run_info=run_info)
     except InferenceError as e:

@@ -19,6 +19,11 @@ machine (torch's thread count is chosen by a probe; XLA uses its own pool). The 
 
     python benchmarks/generate.py                     # small and medium shapes (~3-4 minutes on 2 cores)
     python benchmarks/generate.py --shapes small --batch 4
+    python benchmarks/generate.py --shapes medium --jacobi-window 16 --baseline-tokens 32   # also SJD
+
+With `--jacobi-window L` our sampler also runs speculative Jacobi decoding (coupled drafts) on the same prompt:
+its model steps, tokens/s and the cost of one L-token step against a one-token step. Random weights accept
+few drafts, so this shows the price of a step, not the speed-up of a trained model (benchmarks/jacobi.py).
 """
 from __future__ import annotations
 
@@ -55,6 +60,8 @@ def parse_args(argv=None):
                    help="torch threads for the baseline (0 = whichever of 1 and 2 is faster on a 16-token probe; "
                         "on a busy machine torch's spinning thread pool can be 30x slower with 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of sampling")
+    p.add_argument("--jacobi-window", type=int, default=0,
+                   help="also run our sampler with speculative Jacobi decoding of this window (0 = not)")
     return p.parse_args(argv)
 
 
@@ -183,7 +190,7 @@ def load_ours(model, tmp):
     return ChameleonConfig.from_dict(cfg.to_dict()).replace(scan_layers=False), unstack_layers(params)
 
 
-def run_ours(cfg, params, prompts, max_new, args):
+def run_ours(cfg, params, prompts, max_new, args, jacobi=None):
     from lumina_jax.sampling import processors
     from lumina_jax.sampling.decode import ChameleonDecodeModel
     from lumina_jax.sampling.generate import generate_tokens
@@ -194,7 +201,7 @@ def run_ours(cfg, params, prompts, max_new, args):
     ids = processors.TokenIds.from_special_ids(SpecialIds.from_layout(IMG_HI - IMG_LO, VOCAB), VOCAB)
     t0, c0 = time.perf_counter(), time.process_time()
     rows = generate_tokens(ChameleonDecodeModel(cfg), params, prompts, seeds=list(range(len(prompts))),
-                           settings=s, ids=ids)
+                           settings=s, ids=ids, jacobi=jacobi)
     return rows, time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -240,6 +247,17 @@ def main(argv=None):
             jrows, t_b, _ = run_ours(cfg, params, [prompt] * args.batch, max_new, args)
             ntok = sum(len(r.tokens) for r in jrows)
             line += f" | ours batch {args.batch}: {ntok / t_b:8.1f} tok/s {args.batch / t_b:6.3f} img/s"
+        if args.jacobi_window:
+            from lumina_jax.sampling.jacobi import JacobiSettings
+
+            sjd = JacobiSettings(args.jacobi_window)
+            run_ours(cfg, params, [prompt], max_new, args, sjd)  # compile
+            srows, t_sjd, _ = run_ours(cfg, params, [prompt], max_new, args, sjd)
+            assert srows[0].tokens[body - 1] == IMAGE_END, "SJD did not close the image where expected"
+            steps = srows[0].steps
+            line += (f" | SJD L={sjd.window}: {steps} steps ({n_ours / steps:.2f} tok/step), "
+                     f"{len(srows[0].tokens) / t_sjd:8.1f} tok/s, {(t_sjd / steps) / (t_ours / n_ours):5.2f}x "
+                     f"the time of a one-token step")
         print(line, flush=True)
         results.append((shape, ours_tps, base_tps))
         del model

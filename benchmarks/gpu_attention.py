@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.models.attention_ops import resolve_impl
 from train_step import compile_ours  # benchmarks/train_step.py
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         print(f"error: this benchmark needs a GPU (JAX backend is {backend!r}); --allow-cpu for a smoke run",
               file=sys.stderr)
         return 2
-    cfg = get_config(args.preset, num_layers=args.layers, dtype="bfloat16", param_dtype="float32",
+    cfg = model_preset(args.preset, num_layers=args.layers, dtype="bfloat16", param_dtype="float32",
                      remat_policy=args.remat, dropout=0.0)
     overrides = {f: getattr(cfg, f) for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                                               "num_heads", "num_kv_heads", "head_dim", "q_norm_rows", "k_norm_rows",

@@ -14,8 +14,10 @@ when per-prompt seeds are given, so a result does not depend on which other prom
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import numbers
 import os
 import re
 import shutil
@@ -59,11 +61,14 @@ class Result:
     stopped: str  # "end_of_turn" or "length"
     unfinished_image: Optional[dict]  # set when the length limit cut an image: {"h", "w", "body_tokens"}
     settings: dict  # every sampling setting used
+    steps: int = 0  # model steps of the decode loop that produced the answer (one per token without SJD)
+    accepted: Optional[list[int]] = None  # speculative Jacobi decoding: tokens accepted at each step
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "task": self.task, "seed": self.seed, "text": self.text,
                 "num_images": len(self.images), "num_tokens": len(self.token_ids), "stopped": self.stopped,
-                "unfinished_image": self.unfinished_image, "settings": self.settings}
+                "unfinished_image": self.unfinished_image, "settings": self.settings,
+                "decode": {"steps": self.steps, "tokens_accepted_per_step": self.accepted}}
 
 
 def writable_output_dir(out: str | os.PathLike) -> Path:
@@ -115,6 +120,25 @@ def task_preset(task: str):
         return get_task(task)
     except ValueError as e:
         raise InferenceError(str(e)) from None
+
+
+def add_jacobi_flags(p) -> None:
+    """--jacobi-window, --jacobi-coupling/--no-jacobi-coupling (infer.py, the demo evaluation)."""
+    p.add_argument("--jacobi-window", type=int, default=0,
+                   help="speculative Jacobi decoding of image bodies: L >= 2 tokens per model step, 1..L accepted, "
+                        "the same distribution as one token per step (0 = off, the default)")
+    p.add_argument("--jacobi-coupling", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --jacobi-window: keep each position's draft noise fixed across steps (coupled drafts, "
+                        "more tokens accepted per step; default) or draw it afresh (plain SJD)")
+
+
+def jacobi_settings(window: int, coupling: bool = True):
+    """`JacobiSettings` for a window of `window` tokens per model step, or None for 0 (autoregressive)."""
+    from lumina_jax.sampling.jacobi import JacobiSettings
+
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0 or window == 1:
+        raise InferenceError(f"jacobi_window must be 0 (off) or an integer >= 2, got {window!r}")
+    return JacobiSettings(int(window), bool(coupling)) if window else None
 
 
 def check_seed(seed: Any, num_images: int = 1) -> int:
@@ -284,7 +308,8 @@ class Lumina:
                  top_p: float = 1.0, seed: int = 0, seeds: Sequence[int] | None = None, num_images: int = 1,
                  max_new_tokens: int = 8192, constrain_size: bool = True, open_image: bool | None = None,
                  progress: bool | Callable[[int, int], None] = True, decode_images: bool = True,
-                 pad_rows_to: int | None = None) -> list[Result]:
+                 pad_rows_to: int | None = None, jacobi_window: int = 0,
+                 jacobi_coupling: bool = True) -> list[Result]:
         """Generates `num_images` answers per prompt in one batch; returns them prompt-major.
 
         Answer j of prompt i uses seed `seed + j`, or `seeds[i] + j` when `seeds` (one per prompt) is given:
@@ -304,6 +329,10 @@ class Lumina:
         differently (about 1e-5 in the logits), so a caller that batches unrelated requests passes a fixed
         value: each row then comes out bit-identical whichever rows share its call, and one decode program is
         compiled, not one per batch size.
+        `jacobi_window` L >= 2 samples image bodies by speculative Jacobi decoding: L tokens per model step, 1..L
+        of them accepted, the same distribution as one token per step (`lumina_jax.sampling.jacobi`);
+        `jacobi_coupling` keeps each position's draft noise fixed across steps (more accepted; False = plain
+        SJD). Each result records its model steps and tokens accepted per step.
         """
         if isinstance(size, str):
             size = parse_size(size)
@@ -324,6 +353,7 @@ class Lumina:
             raise InferenceError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         for s in seeds:
             check_seed(s, num_images)
+        jacobi = jacobi_settings(jacobi_window, jacobi_coupling)
         settings = self.sampling_settings(task, guidance=guidance, cfg_min_p=cfg_min_p, image_top_k=image_top_k,
                                           text_top_k=text_top_k, temperature=temperature, top_p=top_p,
                                           max_new_tokens=max_new_tokens, constrain_size=constrain_size)
@@ -337,11 +367,11 @@ class Lumina:
         rows = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
         total = self.expected_new_tokens(size, len(header), settings.max_new_tokens)
         out_rows = self._run([base[i] for i, _ in rows], [int(seeds[i]) + j for i, j in rows],
-                             [forced] * len(rows), settings, progress, total, pad_rows_to or 1)
+                             [forced] * len(rows), settings, progress, total, pad_rows_to or 1, jacobi)
         results = []
         for (i, j), r in zip(rows, out_rows):
             r.tokens = header + r.tokens
-            results.append(self._result(prompts[i], task, int(seeds[i]) + j, r, settings, size))
+            results.append(self._result(prompts[i], task, int(seeds[i]) + j, r, settings, size, jacobi))
         if decode_images:
             self._decode_all(results, one_at_a_time=pad_rows_to is not None)
         return results
@@ -366,7 +396,7 @@ class Lumina:
         sizes = [size] if size is not None else self.crop_sizes
         return min(max_new_tokens, max(unirep_length(w, h) for w, h in sizes) - header_fed + 1)
 
-    def _run(self, prompts, seeds, forced, settings, progress, total=None, row_multiple=1):
+    def _run(self, prompts, seeds, forced, settings, progress, total=None, row_multiple=1, jacobi=None):
         import jax
         from tqdm import tqdm
 
@@ -394,7 +424,7 @@ class Lumina:
                 report(count["done"], count["total"])
 
         kw = dict(seeds=seeds, settings=settings, ids=self.ids, size_table=size_table_from_crops(self.crop_sizes),
-                  forced_hw=forced, progress=tick if progress else None)
+                  forced_hw=forced, progress=tick if progress else None, jacobi=jacobi)
         try:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             with S.sharding_context(self.mesh, self.rules):
@@ -407,7 +437,8 @@ class Lumina:
             bar.close()
         return rows[:n]
 
-    def _result(self, prompt, task, seed, row, settings, size) -> Result:
+    def _result(self, prompt, task, seed, row, settings, size, jacobi=None) -> Result:
+        """A `Result` from a row whose tokens already start with the answer header."""
         from lumina_jax.sampling.generate import split_generation
 
         segs = split_generation(row.tokens, self.ids, placeholder=-1)
@@ -421,8 +452,10 @@ class Lumina:
         text = IMAGE_PLACEHOLDER.join(parts)
         unfinished = row.unfinished_image
         s = dataclasses.asdict(settings)
-        s.update(size=None if size is None else f"{size[0]}x{size[1]}", target_size=self.target_size)
-        res = Result(prompt, task, seed, text, segs.images, row.tokens, row.stopped, unfinished, s)
+        s.update(size=None if size is None else f"{size[0]}x{size[1]}", target_size=self.target_size,
+                 jacobi_window=jacobi.window if jacobi else 0, jacobi_coupling=bool(jacobi and jacobi.coupled))
+        res = Result(prompt, task, seed, text, segs.images, row.tokens, row.stopped, unfinished, s, row.steps,
+                     row.accepted)
         return res
 
     def _decode_all(self, results: list[Result], one_at_a_time: bool = False) -> None:

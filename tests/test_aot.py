@@ -202,3 +202,16 @@ def test_jaxpr_flops_agree_with_the_compiled_program_without_loops():
              "model.attention_impl=dense")
     ratio = r.xla_flops_per_device / (r.program_flops / 4)
     assert 1.0 <= ratio < 1.1, ratio  # measured 1.04 at these shapes (1.02 at hidden 256)
+
+
+def test_generate_with_sjd_feeds_window_tokens_and_estimates_steps_from_tokens_per_step():
+    args = ("--topology", "v5e:2x2", "--config", TINY, "--mode", "generate", "parallel.mesh=tensor=-1",
+            "generate.image_size=64", "generate.batch_size=2", "generate.cfg_scale=3.0")
+    base = _run(*args)
+    r = _run(*args, "generate.jacobi_window=4", "generate.tokens_per_step=2.5")
+    assert r.fits and r.workload["decoding"].startswith("SJD window 4")
+    assert r.decode["steps"] == math.ceil(base.decode["steps"] / 2.5) and r.decode["estimated_steps"]
+    assert 4 * base.model_flops < r.model_flops < 4.5 * base.model_flops  # 4 tokens per row per step
+    assert "an estimate" in cli_format(r)
+    with pytest.raises(ValueError, match="tokens_per_step"):
+        _run(*args, "generate.jacobi_window=4", "generate.tokens_per_step=5")

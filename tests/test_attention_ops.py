@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lumina_jax import sharding
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.models import attention_ops as ops
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel
@@ -193,7 +193,7 @@ def test_auto_picks_by_backend_and_bad_names_fail_in_one_line():
 
 def _train_step_results(impl):
     """Gradients, metrics and updated parameters of one tiny train step (packed rows, accumulation 2)."""
-    cfg = get_config("tiny", attention_impl=impl, attention_block=16, z_loss_weight=1e-3)
+    cfg = model_preset("tiny", attention_impl=impl, attention_block=16, z_loss_weight=1e-3)
     ocfg = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0, eps=1e-3)
     ctx = ts.StepContext(cfg, LossConfig(chunk_size=8), make_optimizer(ocfg, 10), learning_rate_schedule(ocfg, 10),
                          2, make_mesh("fsdp=2"), sharding.FSDP_RULES)
@@ -220,7 +220,7 @@ def test_train_step_is_the_same_with_dense_and_blockwise_attention():
 def test_generation_is_the_same_with_dense_and_blockwise_attention():
     """The cached prefill and decode loop with guidance: the same tokens, and logits within 1e-4."""
     ids = processors.TokenIds.from_special_ids(SpecialIds.from_layout(256, 512, compact=True), 512)
-    cfg = get_config("tiny", scan_layers=False)  # the decoder's layout: one cache buffer per layer
+    cfg = model_preset("tiny", scan_layers=False)  # the decoder's layout: one cache buffer per layer
     params = jax.tree_util.tree_map_with_path(  # a sharp output layer: sampling far from uniform
         lambda p, x: x * 40.0 if "lm_head" in jax.tree_util.keystr(p) else x, init_params(cfg, 0))
     r = np.random.default_rng(0)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import infer  # noqa: E402
 from lumina_jax import tokenizer_train  # noqa: E402
 from lumina_jax.aot import __main__ as aot_main  # noqa: E402
-from lumina_jax.config import get_config  # noqa: E402
+from lumina_jax.config import model_preset  # noqa: E402
 from lumina_jax.convert import chameleon, safetensors_io as sio  # noqa: E402
 from lumina_jax.convert.__main__ import main as convert_main  # noqa: E402
 from lumina_jax.convert.hf_config import hf_config_from_chameleon  # noqa: E402
@@ -58,7 +58,7 @@ EXPENSIVE = {"infer": "lumina_jax.inference.Lumina.load", "aot": "lumina_jax.aot
 
 def write_hf_model(directory: Path, **config_changes) -> Path:
     """A tiny Chameleon model directory (config.json + model.safetensors), written without torch."""
-    cfg = get_config("tiny")
+    cfg = model_preset("tiny")
     directory.mkdir(parents=True)
     hf = {**hf_config_from_chameleon(cfg, "float32"), **config_changes}
     (directory / "config.json").write_text(json.dumps(hf))
@@ -166,7 +166,7 @@ def world(tmp_path_factory):
     write_vqgan_ckpt(tok8192 / "vqgan.ckpt", tiny_vqgan_config(n_embed=8192))
     write_vqgan_yaml(tok8192 / "vqgan.yaml", tiny_vqgan_config(n_embed=8192))
     (r / "configs").mkdir()
-    (r / "configs" / "broken.py").write_text("def get_config(:\n")
+    (r / "configs" / "broken.py").write_text("def model_preset(:\n")
     (r / "configs" / "imports.py").write_text("import no_such_module_anywhere\n")
     y = r / "yaml"
     y.mkdir()

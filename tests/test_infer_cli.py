@@ -215,3 +215,20 @@ def test_prompts_file_formats(tmp_path):
 
     with pytest.raises(InferenceError, match=r"p.jsonl:1: expected"):
         infer.read_prompts(args)
+
+
+def test_cli_jacobi_window_records_steps_and_accepted_tokens(model_dir, tmp_path, capsys):
+    out = tmp_path / "sjd"
+    code, _, err = _run_cli(capsys, "--checkpoint", model_dir, "--prompt", "a red fox", "--size", "64x32", "--cfg", "3",
+                            "--image-top-k", "500", "--seed", "7", "--max-new-tokens", "24", "--jacobi-window", "4",
+                            "--out", out, "--no-progress")
+    assert code == 0, err
+    meta = json.loads(next(out.glob("*.json")).read_text())
+    accepted = meta["decode"]["tokens_accepted_per_step"]
+    assert meta["settings"]["jacobi_window"] == 4 and meta["settings"]["jacobi_coupling"] is True
+    assert meta["decode"]["steps"] == len(accepted) and all(1 <= a <= 4 for a in accepted)
+    assert sum(accepted) == meta["num_tokens"] - 3  # the header <racm3:break> h w was fed, not generated
+    assert meta["num_images"] == 1 and meta["unfinished_image"] is None
+    code, _, err = _run_cli(capsys, "--checkpoint", model_dir, "--prompt", "x", "--jacobi-window", "1", "--out", out,
+                            "--no-progress")
+    assert code == 1 and "jacobi_window must be 0 (off) or an integer >= 2, got 1" in err

@@ -283,3 +283,24 @@ def test_cfg_min_p_keeps_only_codes_plausible_under_the_conditional_branch():
 def test_cfg_min_p_out_of_range_is_refused(bad):
     with pytest.raises(ValueError, match="cfg_min_p"):
         processors.SamplingSettings(cfg_min_p=bad)
+
+
+def test_forced_ahead_and_tokens_left_follow_the_layout_token_by_token():
+    """forced_ahead(state, n)[j] == the forced token after feeding j more body tokens one by one; the count of
+    body tokens left ends exactly at <eoss>."""
+    h, w = 2, 3  # latent 4 rows of 6 codes + new line: 28 tokens, then <eoss>
+    starts = [0, 5, 6, 20, 27]
+    state = processors.initial_state([IDS.image_first] * 5, [True] * 5, [2] * 5, [h] * 5, [w] * 5, starts)
+    n = 12
+    ahead = np.asarray(processors.forced_ahead(state, IDS, n))
+    left = np.asarray(processors.body_tokens_left(state))
+    for b, start in enumerate(starts):
+        assert left[b] == 4 * 7 + 1 - start
+        st = jax.tree.map(lambda x: x[b:b + 1], state)
+        for j in range(min(n, left[b])):
+            expected = int(processors.forced_token(st, IDS)[0])
+            assert ahead[b, j] == expected, (b, j)
+            tok = expected if expected >= 0 else IDS.image_first
+            st = processors.advance(st, jnp.asarray([tok]), IDS, 100)
+        if left[b] <= n:
+            assert ahead[b, left[b] - 1] == IDS.image_end

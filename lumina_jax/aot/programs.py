@@ -25,6 +25,7 @@ from lumina_jax.param_checkpoint import abstract_like
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
 from lumina_jax.sampling.generate import prepare_inputs, size_table_from_crops
+from lumina_jax.sampling.jacobi import JacobiSettings, jacobi_jit
 from lumina_jax.state import abstract_params, abstract_train_state
 from lumina_jax.tokenizer import SpecialIds, layout_vocab_size
 from lumina_jax.training import train_step as ts
@@ -44,6 +45,9 @@ class GenerateSpec:
     text_top_k: int = 10  # text top-k
     param_dtype: str = "bfloat16"  # weights as served (converted checkpoints are bf16)
     extra_tokens: int = 8  # tokens allowed beyond the image (end of turn, ...)
+    jacobi_window: int = 0  # speculative Jacobi decoding: tokens per model step (0 = one token per step)
+    jacobi_coupling: bool = True  # coupled drafts (only with jacobi_window)
+    tokens_per_step: float = 1.0  # measured mean tokens per SJD step (benchmarks/jacobi.py), for the time estimate
 
 
 @dataclasses.dataclass
@@ -122,6 +126,9 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
         raise ValueError(f"generate.batch_size={spec.batch_size} and generate.prompt_len={spec.prompt_len} must be >= 1")
     if spec.image_size % 32:
         raise ValueError(f"generate.image_size={spec.image_size} must be a multiple of 32")
+    jacobi = JacobiSettings(spec.jacobi_window, spec.jacobi_coupling) if spec.jacobi_window else None
+    if not 1.0 <= spec.tokens_per_step <= max(spec.jacobi_window, 1):
+        raise ValueError(f"generate.tokens_per_step={spec.tokens_per_step} must be in [1, jacobi_window]")
     # unstacked layers (layers_0, ...): the layout the sampler recommends for decoding (no per-step weight copies)
     cfg = model_cfg.replace(param_dtype=spec.param_dtype, dropout=0.0, remat_policy="none", scan_layers=False)
     ids = token_ids_for(cfg)
@@ -138,15 +145,19 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     psh = jax.tree.map(lambda x: x.sharding, params)
     dm = ChameleonDecodeModel(cfg)  # its cache carries the logical cache axes; the rules shard it
     rows = spec.batch_size * (2 if settings.use_guidance else 1)
-    S = host.prompt.shape[1] + max_new
+    width = jacobi.window if jacobi else 1  # tokens each row feeds per step
+    S = host.prompt.shape[1] + max_new + (width if jacobi else 0)
     kv = abstract_like(jax.eval_shape(lambda: init_cache(cfg, rows, S)), sharding.cache_shardings(cfg, mesh, rules))
+    if jacobi:
+        loop = lambda p, i, t: jacobi_jit(dm, p, i, settings=settings, ids=ids, jacobi=jacobi, size_table=t)
+    else:
+        loop = lambda p, i, t: decode_jit(dm, p, i, settings=settings, ids=ids, size_table=t)
     with sharding.sharding_context(mesh, rules):
-        lowered = decode_jit.lower(dm, params, inputs, settings=settings, ids=ids, size_table=table)
-        closed = jax.make_jaxpr(lambda p, i, t: decode_jit(dm, p, i, settings=settings, ids=ids, size_table=t))(
-            params, inputs, table)
+        lowered = jax.jit(loop).lower(params, inputs, table)
+        closed = jax.make_jaxpr(loop)(params, inputs, table)
     stats = analyse_jaxpr(closed)
     n_mm = matmul_params(cfg)
-    per_row_step = 2.0 * n_mm + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * S
+    per_row_step = width * (2.0 * n_mm + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * S)
     prefill_tokens = rows * max(host.prompt.shape[1], host.uncond_prompt.shape[1])
     param_bytes = device_bytes(params)
     cache_bytes = device_bytes(kv)  # keys and values of every layer
@@ -157,8 +168,11 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
         workload={"prompts": spec.batch_size, "rows (with guidance)": rows, "image": f"{spec.image_size}px",
                   "new tokens": max_new, "cache slots": S, "cfg": spec.cfg_scale, "attention": cfg.attention_impl,
                   "rules": rules_name,
+                  "decoding": (f"SJD window {width} ({'coupled' if spec.jacobi_coupling else 'plain'}), "
+                               f"{spec.tokens_per_step:g} tokens per step assumed" if jacobi else "one token per step"),
                   "dtypes": f"params {cfg.param_dtype}, compute {cfg.dtype}"},
         param_shardings=psh, param_shapes=params, inputs={"params": params, "prompts": inputs},
-        decode={"steps": max_new, "kv_cache_bytes": cache_bytes, "param_bytes": param_bytes,
+        decode={"steps": math.ceil(max_new / spec.tokens_per_step) if jacobi else max_new,
+                "estimated_steps": bool(jacobi), "kv_cache_bytes": cache_bytes, "param_bytes": param_bytes,
                 "prefill_flops": 2.0 * n_mm * prefill_tokens},
     )

@@ -253,7 +253,8 @@ def format_report(rep: Report) -> str:
         d = rep.decode
         lines.append(f"decode      {format_seconds(rep.step_seconds())} per step (max of compute at {rep.mfu:.0%} MFU and "
                      f"reading weights + KV cache at {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
-                     f"{d['steps']} steps -> {format_seconds(rep.step_seconds() * d['steps'])} per image batch")
+                     f"{d['steps']} steps -> {format_seconds(rep.step_seconds() * d['steps'])} per image batch"
+                     + (" (an estimate: steps from the assumed tokens per SJD step)" if d.get("estimated_steps") else ""))
     lines.append(rep.verdict())
     if not rep.fits:
         if rep.compiler_message:

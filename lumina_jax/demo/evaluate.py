@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lumina_jax import param_checkpoint
-from lumina_jax.inference import DEMO_CFG_MIN_P
+from lumina_jax.inference import DEMO_CFG_MIN_P, add_jacobi_flags
 from lumina_jax.validation import SEED_MAX, check_float, float_flag, int_flag
 
 PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
@@ -46,7 +46,7 @@ def parse_scales(text: str) -> list[float]:
 
 def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_top_k: int = 16,
                    temperature: float = 1.0, max_new_tokens: int = 128, progress: bool = True,
-                   cfg_min_p: float = 0.0) -> list:
+                   cfg_min_p: float = 0.0, jacobi=None) -> list:
     """One PIL image per spec (or None where no image came out), all specs in one batch; row i uses seed + i.
 
     Sizes differ per row, so rows are built here with their own forced size tokens (the per-row `forced_hw`
@@ -64,18 +64,18 @@ def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_to
         prompts.append(lm.prompt_ids(s.caption, "t2i", [], s.size) + header)
         forced.append((h, w))
         headers.append(header)
-    rows = lm._run(prompts, [seed + i for i in range(len(specs))], forced, settings, progress)
+    rows = lm._run(prompts, [seed + i for i in range(len(specs))], forced, settings, progress, jacobi=jacobi)
     results = []
     for s, header, r in zip(specs, headers, rows):
         r.tokens = header + r.tokens
-        results.append(lm._result(s.caption, "t2i", 0, r, settings, s.size))
+        results.append(lm._result(s.caption, "t2i", 0, r, settings, s.size, jacobi))
     lm._decode_all(results)
     return [next((im for im in r.images if not isinstance(im, str)), None) for r in results]
 
 
 def evaluate(lm, scales: Sequence[float], per_split: int = PER_SPLIT, seed: int = 0, spec_seed: int = 1234,
              image_top_k: int = 16, temperature: float = 1.0, out_dir: str | None = None,
-             progress: bool = True, cfg_min_p: float = 0.0) -> list[dict]:
+             progress: bool = True, cfg_min_p: float = 0.0, jacobi=None) -> list[dict]:
     """Generates and scores; returns the rows of `shape_analysis.accuracy_table` (and saves PNGs to out_dir)."""
     from PIL import Image
 
@@ -86,7 +86,7 @@ def evaluate(lm, scales: Sequence[float], per_split: int = PER_SPLIT, seed: int 
     results = {}
     for g in scales:
         images = generate_specs(lm, specs, g, seed=seed, image_top_k=image_top_k, temperature=temperature,
-                                progress=progress, cfg_min_p=cfg_min_p)
+                                progress=progress, cfg_min_p=cfg_min_p, jacobi=jacobi)
         # a missing image scores as a blank 1x1 picture: wrong on every attribute
         pairs = [(s, im if im is not None else Image.new("RGB", (1, 1))) for s, im in zip(specs, images)]
         results[g] = pairs
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-min-p", type=float_flag(0.0, 1.0, hi_open=True), default=DEMO_CFG_MIN_P,
                    help="with guidance, sample only codes whose conditional probability is at least this share "
                         "of the top code's (0 = guidance as the reference)")
+    add_jacobi_flags(p)
     p.add_argument("--out", default=None,
                    help="also save every generated image under OUT/guidance<g>/ (OUT: a new or empty directory)")
     p.add_argument("--json", default=None,
@@ -126,15 +127,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from lumina_jax.demo.shape_analysis import format_table
-    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina
+    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina, jacobi_settings
 
     try:
         scales = parse_scales(args.guidance)
+        jacobi = jacobi_settings(args.jacobi_window, args.jacobi_coupling)
         if args.json:
             param_checkpoint.check_output_file(args.json)
         if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise ValueError(f"--out {args.out}: exists and is not an empty directory (earlier images are kept)")
-    except (ValueError, param_checkpoint.CheckpointError) as e:
+    except (ValueError, InferenceError, param_checkpoint.CheckpointError) as e:
         parser.error(str(e))
     try:
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
@@ -143,9 +145,10 @@ def main(argv=None) -> int:
         return 1
     t0 = time.perf_counter()
     rows = evaluate(lm, scales, args.per_split, args.seed, args.spec_seed, args.image_top_k, args.temperature,
-                    args.out, progress=not args.quiet, cfg_min_p=args.cfg_min_p)
+                    args.out, progress=not args.quiet, cfg_min_p=args.cfg_min_p, jacobi=jacobi)
+    sjd = f"SJD window {jacobi.window} {'coupled' if jacobi.coupled else 'plain'}" if jacobi else "autoregressive"
     print(f"checkpoint {lm.directory}, target size {lm.target_size}, image top-k {args.image_top_k}, "
-          f"temperature {args.temperature:g}, cfg min-p {args.cfg_min_p:g}, {time.perf_counter() - t0:.0f} s")
+          f"temperature {args.temperature:g}, cfg min-p {args.cfg_min_p:g}, {sjd}, {time.perf_counter() - t0:.0f} s")
     print(format_table(rows))
     if args.json:
         with param_checkpoint.atomic_file(args.json) as tmp:

@@ -146,16 +146,12 @@ class _Step:
     batch: int  # B, the conditional rows; guided rows follow them
 
 
-def _sample(ctx: _Step, hidden: jax.Array, state: processors.RowState, rec: Optional[dict]):
-    """From final hidden states (R, D) of the last fed tokens: choose each cond row's next token."""
+def choose_next(ctx: _Step, hidden: jax.Array, body: jax.Array, state: processors.RowState) -> jax.Array:
+    """Each cond row's next token from the processed image-id logits `body` (B, n_img) of BODY rows and, for
+    rows outside an image body, the full-vocabulary logits of `hidden` (R, D) (computed only when needed)."""
     settings, ids, B = ctx.settings, ctx.ids, ctx.batch
-    guided = settings.use_guidance
-    img = ctx.model.slice_logits(ctx.head, hidden)  # (R, n_img)
-    cond_img, unc_img = (img[:B], img[B:]) if guided else (img, None)
     keys = processors.row_keys_at(ctx.inputs.row_keys, state)
-    body = processors.process_body(cond_img, unc_img, state, settings)
-    phase = processors.phase(state)
-    all_body = jnp.all(state.done | (phase == processors.BODY))
+    all_body = jnp.all(state.done | (processors.phase(state) == processors.BODY))
 
     def fast(_):
         return processors.choose_tokens(body, None, state, keys, settings, ids)
@@ -166,7 +162,23 @@ def _sample(ctx: _Step, hidden: jax.Array, state: processors.RowState, rec: Opti
         other = processors.process_other(full, state, settings, ids, table, ctx.inputs.forced_hw)
         return processors.choose_tokens(body, other, state, keys, settings, ids)
 
-    tok = jax.lax.cond(all_body, fast, general, None)
+    return jax.lax.cond(all_body, fast, general, None)
+
+
+def split_guided(ctx: _Step, img: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Image-id logits of all R rows -> (cond rows, their unconditional twins or None without guidance)."""
+    B = ctx.batch
+    return (img[:B], img[B:]) if ctx.settings.use_guidance else (img, None)
+
+
+def sample_next(ctx: _Step, hidden: jax.Array, state: processors.RowState, rec: Optional[dict]):
+    """From final hidden states (R, D) of the last fed tokens: choose each cond row's next token.
+
+    Returns (tokens, processed image-id logits of the cond rows, record)."""
+    settings, B = ctx.settings, ctx.batch
+    cond_img, unc_img = split_guided(ctx, ctx.model.slice_logits(ctx.head, hidden))  # (B, n_img) each
+    body = processors.process_body(cond_img, unc_img, state, settings)
+    tok = choose_next(ctx, hidden, body, state)
     if ctx.record:
         idx = jnp.minimum(state.num_generated, settings.max_new_tokens - 1)
         rows = jnp.arange(B)
@@ -179,11 +191,49 @@ def _sample(ctx: _Step, hidden: jax.Array, state: processors.RowState, rec: Opti
         rec["cond_image"] = put(rec["cond_image"], cond_img)
         guided_img = processors.guide(cond_img, unc_img, state, settings.cfg_scale, settings.cfg_min_p)
         rec["guided_image"] = put(rec["guided_image"], guided_img)
-        if guided:
+        if unc_img is not None:
             rec["uncond_image"] = put(rec["uncond_image"], unc_img)
         if "cond_full" in rec:
             rec["cond_full"] = put(rec["cond_full"], ctx.model.logits(ctx.params, hidden[:B]))
-    return tok, rec
+    return tok, body, rec
+
+
+def prefill(model: DecodeModel, params, inputs: DecodeInputs, settings: processors.SamplingSettings,
+            ids: processors.TokenIds, size_table, record, cache_length: int):
+    """Runs every prompt (and, with guidance, its unconditional twin) through the model into a fresh cache.
+
+    Returns (step context, final hidden state of each row's last prompt token (R, D), cache)."""
+    B, Pc = inputs.prompt.shape
+    if settings.use_guidance:
+        Pu = inputs.uncond_prompt.shape[1]
+        width = max(Pc, Pu)
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+        tokens = jnp.concatenate([pad(inputs.prompt), pad(inputs.uncond_prompt)], axis=0)
+        lens = jnp.concatenate([inputs.prompt_len, inputs.uncond_len])
+    else:
+        tokens, lens = inputs.prompt, inputs.prompt_len
+    R, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
+    cache = model.init_cache(R, cache_length)
+    ctx = _Step(model, params, model.slice_head(params, ids.image_slice), inputs, settings, ids, size_table,
+                record, B)
+    hidden, cache = model.forward(params, tokens, positions, cache, jnp.zeros((R,), jnp.int32))
+    last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
+    return ctx, last, cache
+
+
+def twin_slots(state: processors.RowState, ulen: jax.Array, limit: int) -> jax.Array:
+    """Cache slot where each unconditional twin takes its next tokens: 0 right after the row opened an image
+    (the twin restarts from <racm3:break>), else after its own tokens; at most `limit`."""
+    restart = state.in_image & (state.header == 0)  # the last token opened an image
+    return jnp.minimum(jnp.where(restart, 0, ulen), limit)
+
+
+def report_progress(progress: Optional[jax.Array], step: jax.Array, done: jax.Array) -> None:
+    """Every PROGRESS_EVERY loop steps: the listener `progress` gets `done` (tokens sampled so far)."""
+    if progress is not None:
+        jax.lax.cond((step + 1) % PROGRESS_EVERY == 0, lambda: jax.debug.callback(_report, progress, done),
+                     lambda: None)
 
 
 def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: processors.SamplingSettings,
@@ -200,21 +250,7 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: proces
     guided = settings.use_guidance
     max_new = settings.max_new_tokens
     S = cache_length or (Pc + max_new)
-    if guided:
-        Pu = inputs.uncond_prompt.shape[1]
-        width = max(Pc, Pu)
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
-        tokens = jnp.concatenate([pad(inputs.prompt), pad(inputs.uncond_prompt)], axis=0)
-        lens = jnp.concatenate([inputs.prompt_len, inputs.uncond_len])
-    else:
-        tokens, lens = inputs.prompt, inputs.prompt_len
-    R, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
-    cache = model.init_cache(R, S)
-    ctx = _Step(model, params, model.slice_head(params, ids.image_slice), inputs, settings, ids, size_table,
-                record, B)
-    hidden, cache = model.forward(params, tokens, positions, cache, jnp.zeros((R,), jnp.int32))
-    last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
+    ctx, last, cache = prefill(model, params, inputs, settings, ids, size_table, record, S)
 
     rec = None
     if record:
@@ -234,7 +270,7 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: proces
         out = out.at[rows, idx].set(jnp.where(state.done, out[rows, idx], tok))
         return processors.advance(state, tok, ids, max_new), out
 
-    tok, rec = _sample(ctx, last, state, rec)
+    tok, _, rec = sample_next(ctx, last, state, rec)
     state, out = emit(state, out, tok)
     ulen = inputs.uncond_len
 
@@ -246,17 +282,14 @@ def decode(model: DecodeModel, params, inputs: DecodeInputs, *, settings: proces
         slot = jnp.minimum(inputs.prompt_len + state.num_generated - 1, S - 1)
         feed, pos = state.token, slot
         if guided:
-            restart = state.in_image & (state.header == 0)  # the last token opened an image
-            uslot = jnp.minimum(jnp.where(restart, 0, ulen), S - 1)
+            uslot = twin_slots(state, ulen, S - 1)
             ulen = jnp.where(state.done, ulen, uslot + 1)
             feed = jnp.concatenate([feed, feed])
             pos = jnp.concatenate([slot, uslot])
         hidden, cache = model.forward(params, feed[:, None], pos[:, None], cache, pos)
-        tok, rec = _sample(ctx, hidden[:, 0], state, rec)
+        tok, _, rec = sample_next(ctx, hidden[:, 0], state, rec)
         state, out = emit(state, out, tok)
-        if progress is not None:
-            jax.lax.cond((step + 1) % PROGRESS_EVERY == 0,
-                         lambda: jax.debug.callback(_report, progress, step + 1), lambda: None)
+        report_progress(progress, step, step + 1)
         return state, ulen, cache, out, rec, step + 1
 
     carry = (state, ulen, cache, out, rec, jnp.int32(1))

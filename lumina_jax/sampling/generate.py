@@ -23,6 +23,7 @@ import numpy as np
 from lumina_jax.image_tokenizer import map_batched_by_shape
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import DecodeInputs, DecodeModel, decode_jit, progress_listener
+from lumina_jax.sampling.jacobi import JacobiSettings, jacobi_jit
 from lumina_jax.unirep import UniRepError, unirep_to_codes
 
 PROMPT_BUCKET = 64  # prompt lengths are padded to a multiple of this, so similar prompts share one compilation
@@ -87,6 +88,8 @@ class RowTokens:
     tokens: list[int]  # generated ids (the final end-of-turn included when it was sampled)
     stopped: str  # "end_of_turn" or "length"
     unfinished_image: Optional[dict]  # {"h", "w", "body_tokens"} when the length limit cut an image, else None
+    accepted: Optional[list[int]] = None  # speculative Jacobi decoding: tokens accepted at each model step
+    steps: int = 0  # model steps that produced the tokens (the prefill's included; = len(tokens) without SJD)
 
 
 def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[int]], *, seeds: Sequence[int],
@@ -94,8 +97,11 @@ def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[
                     size_table: np.ndarray | None = None,
                     forced_hw: Sequence[Optional[tuple[int, int]]] | None = None,
                     progress: Callable[[int], None] | None = None, record: bool | str = False,
-                    input_sharding: Any = None):
+                    input_sharding: Any = None, jacobi: JacobiSettings | None = None):
     """Runs prefill + the decode loop for a batch of prompts; returns a list of `RowTokens`.
+
+    `jacobi` runs speculative Jacobi decoding (`lumina_jax.sampling.jacobi`) instead of one token per step:
+    the same distribution, fewer model steps; each row then reports its tokens accepted per step.
 
     `progress(step)` is called from the loop every few steps with the number of tokens sampled so far (e.g. a
     tqdm update); generations running at the same time each report to their own function. With `record`,
@@ -115,12 +121,19 @@ def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[
     if input_sharding is not None:
         inputs = jax.device_put(inputs, input_sharding)
         table = jax.device_put(table, input_sharding)
+    if jacobi is not None and record:
+        raise ValueError("record is not available with speculative Jacobi decoding")
     with progress_listener(progress) as listener:
-        out = decode_jit(model, params, inputs, settings=settings, ids=ids, size_table=table, record=record,
-                         progress=listener)
+        if jacobi is None:
+            out = decode_jit(model, params, inputs, settings=settings, ids=ids, size_table=table, record=record,
+                             progress=listener)
+        else:
+            out = jacobi_jit(model, params, inputs, settings=settings, ids=ids, jacobi=jacobi, size_table=table,
+                             progress=listener)
         out = jax.block_until_ready(out)
     toks = np.asarray(out.tokens)
     st = jax.tree.map(np.asarray, out.state)
+    accepted = np.asarray(out.accepted) if jacobi is not None else None
     rows = []
     for b in range(len(prompts)):
         n = int(st.num_generated[b])
@@ -130,7 +143,8 @@ def generate_tokens(model: DecodeModel, params: Any, prompts: Sequence[Sequence[
         if bool(st.in_image[b]):
             unfinished = {"h": int(st.h[b]) if st.header[b] >= 1 else None,
                           "w": int(st.w[b]) if st.header[b] >= 2 else None, "body_tokens": int(st.body[b])}
-        rows.append(RowTokens(t, stopped, unfinished))
+        per_step = None if accepted is None else accepted[b][:int(out.steps[b])].tolist()
+        rows.append(RowTokens(t, stopped, unfinished, per_step, len(t) if per_step is None else len(per_step)))
     if record:
         return rows, jax.tree.map(np.asarray, out.record)
     return rows

@@ -180,6 +180,19 @@ def forced_token(state: RowState, ids: TokenIds) -> jax.Array:
     return jnp.where(body, tok, -1).astype(jnp.int32)
 
 
+def forced_ahead(state: RowState, ids: TokenIds, count: int) -> jax.Array:
+    """(B, count): the token the layout forces at each of a row's next `count` tokens (-1 = free), assuming
+    every one of them stays in the image body (each body token moves the counter t by one)."""
+    at = lambda j: forced_token(state._replace(body=state.body + j), ids)
+    return jax.vmap(at, out_axes=1)(jnp.arange(count, dtype=jnp.int32))
+
+
+def body_tokens_left(state: RowState) -> jax.Array:
+    """(B,) tokens of the open image still to come for BODY rows, <eoss> included."""
+    width, height = 2 * state.w + 1, 2 * state.h
+    return jnp.maximum(width * height + 1 - state.body, 0)
+
+
 def advance(state: RowState, token: jax.Array, ids: TokenIds, max_new_tokens: int) -> RowState:
     """The state after each active row appended `token`; done rows are left unchanged."""
     active = ~state.done
@@ -277,6 +290,14 @@ def process_body(cond_img: jax.Array, uncond_img: jax.Array | None, state: RowSt
               state, s.cfg_scale, s.cfg_min_p)
     x = _top_k_mask(x, s.image_top_k)
     return _top_p_mask(_temperature(x, s.temperature), s.top_p)
+
+
+def body_probs(body_logits: jax.Array, s: SamplingSettings) -> jax.Array:
+    """The distribution `choose_tokens` samples BODY rows from, as probabilities over the image ids: the
+    softmax of `process_body`'s logits, or all mass on the first largest one when greedy (temperature 0)."""
+    if s.temperature == 0.0:
+        return jax.nn.one_hot(jnp.argmax(body_logits, axis=-1), body_logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(body_logits.astype(jnp.float32), axis=-1)
 
 
 def size_allowed(state: RowState, ids: TokenIds, size_table: jax.Array | None, forced_hw: jax.Array | None,
