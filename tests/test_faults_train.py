@@ -230,7 +230,7 @@ CASES = [
     # -- config files: syntax, no model_preset, wrong type, bad values in the file, not a Python file
     case([], 1, "bad_syntax.py:2: invalid syntax", "config-syntax-error",
          base=["--config", "{r}/configs/bad_syntax.py", "output_dir={r}/out/run"]),
-    case([], 1, "no_get_config.py: defines no model_preset()", "config-no-get-config",
+    case([], 1, "no_get_config.py: defines no get_config()", "config-no-get-config",
          base=["--config", "{r}/configs/no_get_config.py", "output_dir={r}/out/run"]),
     case([], 1, "model_preset() returned dict, expected TrainConfig", "config-returns-dict",
          base=["--config", "{r}/configs/returns_dict.py", "output_dir={r}/out/run"]),
