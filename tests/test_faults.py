@@ -166,7 +166,7 @@ def world(tmp_path_factory):
     write_vqgan_ckpt(tok8192 / "vqgan.ckpt", tiny_vqgan_config(n_embed=8192))
     write_vqgan_yaml(tok8192 / "vqgan.yaml", tiny_vqgan_config(n_embed=8192))
     (r / "configs").mkdir()
-    (r / "configs" / "broken.py").write_text("def model_preset(:\n")
+    (r / "configs" / "broken.py").write_text("def get_config(:\n")
     (r / "configs" / "imports.py").write_text("import no_such_module_anywhere\n")
     y = r / "yaml"
     y.mkdir()

@@ -91,13 +91,13 @@ def world(tmp_path_factory):
     c = r / "configs"
     c.mkdir()
     header = "from lumina_jax.training.config import TrainConfig\n"
-    (c / "bad_syntax.py").write_text(header + "def model_preset(:\n    pass\n")
+    (c / "bad_syntax.py").write_text(header + "def get_config(:\n    pass\n")
     (c / "no_get_config.py").write_text(header + "CONFIG = TrainConfig()\n")
-    (c / "returns_dict.py").write_text(header + "def model_preset():\n    return {'total_steps': 3}\n")
-    (c / "zero_steps.py").write_text(header + "def model_preset():\n    return TrainConfig(total_steps=0)\n")
-    (c / "str_steps.py").write_text(header + "def model_preset():\n    return TrainConfig(total_steps='100')\n")
+    (c / "returns_dict.py").write_text(header + "def get_config():\n    return {'total_steps': 3}\n")
+    (c / "zero_steps.py").write_text(header + "def get_config():\n    return TrainConfig(total_steps=0)\n")
+    (c / "str_steps.py").write_text(header + "def get_config():\n    return TrainConfig(total_steps='100')\n")
     (c / "nan_lr.py").write_text("from lumina_jax.training.config import OptimizerConfig, TrainConfig\n"
-                                 "def model_preset():\n    return TrainConfig(optimizer=OptimizerConfig(lr=float('nan')))\n")
+                                 "def get_config():\n    return TrainConfig(optimizer=OptimizerConfig(lr=float('nan')))\n")
     (r / "afile").write_text("a file where a directory belongs\n")
     (r / "exported").mkdir()
     (r / "exported" / "mine.txt").write_text("an earlier export\n")
@@ -227,12 +227,12 @@ CASES = [
     case(["checkpoint.init_from={r}/nothing"], 1, "checkpoint.init_from={r}/nothing: {r}/nothing/config.json: missing",
          "init-from-missing"),
     case(["checkpoint.init_from={r}/data/good"], 1, "checkpoint.init_from={r}/data/good: ", "init-from-not-a-checkpoint"),
-    # -- config files: syntax, no model_preset, wrong type, bad values in the file, not a Python file
+    # -- config files: syntax, no get_config, wrong type, bad values in the file, not a Python file
     case([], 1, "bad_syntax.py:2: invalid syntax", "config-syntax-error",
          base=["--config", "{r}/configs/bad_syntax.py", "output_dir={r}/out/run"]),
     case([], 1, "no_get_config.py: defines no get_config()", "config-no-get-config",
          base=["--config", "{r}/configs/no_get_config.py", "output_dir={r}/out/run"]),
-    case([], 1, "model_preset() returned dict, expected TrainConfig", "config-returns-dict",
+    case([], 1, "get_config() returned dict, expected TrainConfig", "config-returns-dict",
          base=["--config", "{r}/configs/returns_dict.py", "output_dir={r}/out/run"]),
     case([], 1, "zero_steps.py: total_steps must be >= 1, got 0", "config-file-zero-steps",
          base=["--config", "{r}/configs/zero_steps.py", "output_dir={r}/out/run"]),
