@@ -17,14 +17,13 @@ import argparse
 import json
 import sys
 
+from lumina_jax.inference import InferenceError, add_jacobi_flags, add_placement_flags
+from lumina_jax.tasks import TASKS
 from lumina_jax.unirep import target_size_flag
-from lumina_jax.validation import SEED_MAX, float_flag, int_flag
+from lumina_jax.validation import SEED_MAX, float_flag, int_flag, parse_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lumina_jax.inference import add_jacobi_flags, add_placement_flags
-    from lumina_jax.tasks import TASKS
-
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="assembled model directory (lumina.json, decoder/, vqgan/, tokenizer/); default: the shipped "
@@ -76,7 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompts(args) -> tuple[list[str], list[list[str]]]:
     """(prompts, image lists) from --prompt / --prompts-file plus --image."""
-    from lumina_jax.inference import InferenceError
 
     if args.prompts_file:
         name = args.prompts_file
@@ -112,8 +110,6 @@ def read_prompts(args) -> tuple[list[str], list[list[str]]]:
 
 def _jsonl_item(line: str, where: str) -> tuple[str, list[str]]:
     """One JSONL line: {"prompt": str, "images": [str, ...]} (images optional); a mistake names the line."""
-    from lumina_jax.inference import InferenceError
-    from lumina_jax.validation import parse_json
 
     usage = 'expected {"prompt": "...", "images": ["path", ...]}'
     try:

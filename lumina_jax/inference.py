@@ -26,12 +26,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import jax
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
-from lumina_jax import param_checkpoint
+from lumina_jax import param_checkpoint, sharding as S
+from lumina_jax.config import ChameleonConfig
+from lumina_jax.conversation import ConversationError, build_prompt
+from lumina_jax.image_tokenizer import ImageTokenizer
 from lumina_jax.sampling import processors
+from lumina_jax.sampling.decode import ChameleonDecodeModel
+from lumina_jax.sampling.generate import decode_images, generate_tokens, size_table_from_crops, split_generation
+from lumina_jax.sampling.jacobi import JacobiSettings
 from lumina_jax.state import restore_params
 from lumina_jax.tasks import get_task
+from lumina_jax.tokenizer import SpecialIds, TextTokenizer
+from lumina_jax.unirep import crop_size_list, images_to_unirep, unirep_length
 from lumina_jax.validation import SEED_MAX, check_float, check_int
 
 # The shipped demo model (`python -m lumina_jax.demo.recipe`), used when no checkpoint is given.
@@ -84,7 +95,6 @@ def writable_output_dir(out: str | os.PathLike) -> Path:
 
 def load_image_file(path: str | os.PathLike) -> "Image.Image":
     """An input image file, fully decoded; a missing, truncated, oversized or non-image file is one line naming it."""
-    from PIL import Image
 
     if not os.path.isfile(path):
         raise InferenceError(f"image file not found: {path}")
@@ -134,7 +144,6 @@ def add_jacobi_flags(p) -> None:
 
 def jacobi_settings(window: int, coupling: bool = True):
     """`JacobiSettings` for a window of `window` tokens per model step, or None for 0 (autoregressive)."""
-    from lumina_jax.sampling.jacobi import JacobiSettings
 
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0 or window == 1:
         raise InferenceError(f"jacobi_window must be 0 (off) or an integer >= 2, got {window!r}")
@@ -158,8 +167,6 @@ class Lumina:
 
     def __init__(self, directory, decoder_config, params, image_tokenizer, tokenizer, special, target_size,
                  mesh=None, rules=None):
-        from lumina_jax.sampling.decode import ChameleonDecodeModel
-        from lumina_jax.unirep import crop_size_list
 
         self.directory, self.config, self.params = directory, decoder_config, params
         self.image_tokenizer, self.tokenizer, self.special = image_tokenizer, tokenizer, special
@@ -174,14 +181,8 @@ class Lumina:
              dtype: str | None = None, target_size: int | None = None) -> "Lumina":
         """Loads an assembled directory. `mesh`: None (one device), a spec like "tensor=8" or "data=4,tensor=2",
         or a jax Mesh; `rules`: "tensor" or "fsdp" parameter layout; `dtype`: compute dtype override."""
-        import jax
 
-        from lumina_jax.config import ChameleonConfig
-        from lumina_jax.image_tokenizer import ImageTokenizer
-        from lumina_jax.tokenizer import SpecialIds, TextTokenizer
 
-        from lumina_jax import sharding as S
-        from lumina_jax.unirep import crop_size_list
 
         directory = Path(directory)
         if not directory.is_dir():
@@ -250,7 +251,6 @@ class Lumina:
 
     def encode_images(self, images: Sequence[Any]) -> list[list[int]]:
         """PIL images or paths -> UniRep token ids (center crop to the closest crop size, VQGAN in batches)."""
-        from lumina_jax.unirep import images_to_unirep
 
         pils = [load_image_file(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
         if not pils:
@@ -259,7 +259,6 @@ class Lumina:
 
     def prompt_ids(self, prompt: Any, task: str, images: Sequence[Any] = (), size=None) -> list[int]:
         """Token ids of one prompt: `[bos, ..., 8710]` (a string, or multi-turn (question, answer) pairs)."""
-        from lumina_jax.conversation import ConversationError, build_prompt
 
         preset = task_preset(task)
         if isinstance(prompt, str) or prompt is None:
@@ -389,7 +388,6 @@ class Lumina:
     def expected_new_tokens(self, size: tuple[int, int] | None, header_fed: int, max_new_tokens: int) -> int:
         """Tokens an answer needs: an opened image of `size` (W, H) with `header_fed` of its tokens already in
         the prompt, then end-of-turn; the largest crop size when the size is sampled; else `max_new_tokens`."""
-        from lumina_jax.unirep import unirep_length
 
         if not header_fed:
             return max_new_tokens
@@ -397,13 +395,6 @@ class Lumina:
         return min(max_new_tokens, max(unirep_length(w, h) for w, h in sizes) - header_fed + 1)
 
     def _run(self, prompts, seeds, forced, settings, progress, total=None, row_multiple=1, jacobi=None):
-        import jax
-        from tqdm import tqdm
-
-        from lumina_jax.sampling.generate import generate_tokens, size_table_from_crops
-
-        from lumina_jax import sharding as S
-
         n = len(prompts)
         # a multiple of row_multiple rows, which (with the guidance twins) split evenly over the mesh's batch axes
         shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
@@ -439,7 +430,6 @@ class Lumina:
 
     def _result(self, prompt, task, seed, row, settings, size, jacobi=None) -> Result:
         """A `Result` from a row whose tokens already start with the answer header."""
-        from lumina_jax.sampling.generate import split_generation
 
         segs = split_generation(row.tokens, self.ids, placeholder=-1)
         parts, text_ids = [], []
@@ -461,7 +451,6 @@ class Lumina:
     def _decode_all(self, results: list[Result], one_at_a_time: bool = False) -> None:
         """Replaces each result's image token lists by PIL images: one VQGAN batch per size over all results, or
         one image per call (the same shape for every image, so its pixels do not depend on the others)."""
-        from lumina_jax.sampling.generate import decode_images
 
         flat = [t for r in results for t in r.images]
         pics = decode_images(flat, self.image_tokenizer, self.special, **({"max_batch": 1} if one_at_a_time else {}))

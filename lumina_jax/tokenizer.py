@@ -21,6 +21,8 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+import sentencepiece as spm
+from tokenizers import Tokenizer
 
 IMAGE_NAME_PREFIX = "IMGIMG"
 NAMES = {  # role -> vocabulary name: the one table of special tokens (ids come from a vocabulary or the layout below)
@@ -77,8 +79,6 @@ class TextTokenizer:
 
     @classmethod
     def _from_json(cls, path: str, source: str) -> "TextTokenizer":
-        from tokenizers import Tokenizer
-
         try:
             impl = Tokenizer.from_file(path)
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception subclasses
@@ -87,8 +87,6 @@ class TextTokenizer:
 
     @classmethod
     def _from_sentencepiece(cls, path: str) -> "TextTokenizer":
-        import sentencepiece as spm
-
         impl = spm.SentencePieceProcessor()
         try:
             impl.Load(path)

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from lumina_jax.image_tokenizer import map_batched_by_shape, preprocess
+from lumina_jax.image_tokenizer import map_batched_by_shape, postprocess, preprocess
 from lumina_jax.tokenizer import SpecialIds
 from lumina_jax.validation import int_flag
 
@@ -222,6 +222,5 @@ def unirep_to_array(tokens: Sequence[int], image_tokenizer, special: SpecialIds)
 
 def unirep_to_image(tokens: Sequence[int], image_tokenizer, special: SpecialIds) -> Image.Image:
     """Validated UniRep tokens -> PIL RGB image (clamped, truncated to uint8 as the reference)."""
-    from lumina_jax.image_tokenizer import postprocess
 
     return postprocess(unirep_to_array(tokens, image_tokenizer, special))

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from lumina_jax import sharding
 from lumina_jax.aot.analysis import format_bytes
 from lumina_jax.aot.programs import Program
 from lumina_jax.aot.topology import Topology
@@ -154,7 +155,6 @@ def _largest_inputs(tree: Any, keep: int) -> list[str]:
 
 def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh, mfu: float = 0.4) -> Report:
     """Compiles `program`; returns the report (check `.fits`). Compiler errors other than out-of-memory raise."""
-    from lumina_jax import sharding
 
     try:
         replicated = sharding.check_replication(program.param_shapes, max_replicated_fraction=1.0)

@@ -18,8 +18,10 @@ import shutil
 from pathlib import Path
 
 from lumina_jax import param_checkpoint
+from lumina_jax.convert import chameleon as conv_decoder, hf_config as hfc, vqgan as conv_vqgan
 from lumina_jax.convert.errors import ConversionError
-from lumina_jax.unirep import target_size_flag
+from lumina_jax.tokenizer import SpecialIds, TextTokenizer
+from lumina_jax.unirep import crop_size_list, target_size_flag
 
 MANIFEST = "lumina.json"
 TOKENIZER_FILES = ("text_tokenizer.json", "vqgan.yaml", "vqgan.ckpt")
@@ -29,11 +31,6 @@ def assemble(model_dir: str | Path, tokenizer_dir: str | Path, out: str | Path, 
              dtype: str | None = None, compute_dtype: str = "bfloat16", overwrite: bool = False,
              progress: bool = True) -> dict:
     """Converts and gathers the parts; returns the manifest written to OUT/lumina.json."""
-    from lumina_jax.convert import chameleon as conv_decoder
-    from lumina_jax.convert import hf_config as hfc
-    from lumina_jax.convert import vqgan as conv_vqgan
-    from lumina_jax.tokenizer import SpecialIds, TextTokenizer
-    from lumina_jax.unirep import crop_size_list
 
     model_dir, tokenizer_dir, out = Path(model_dir), Path(tokenizer_dir), Path(out)
     if not (model_dir / "config.json").is_file():

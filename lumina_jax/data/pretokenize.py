@@ -33,10 +33,17 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
+from lumina_jax.conversation import IMAGE_PLACEHOLDER, ConversationError, encode_conversation
 from lumina_jax.data import records
-from lumina_jax.unirep import target_size_flag
+from lumina_jax.image_tokenizer import ImageTokenizer
+from lumina_jax.param_checkpoint import CheckpointError
+from lumina_jax.tokenizer import load_tokenizer
+from lumina_jax.unirep import codes_to_unirep, crop_size_list, encode_arrays, prepare_image, target_size_flag
 from lumina_jax.validation import SEED_MAX, int_flag, parse_json
 
 WORK = "_work"
@@ -70,8 +77,6 @@ def _image_paths(item: dict, image_root: str) -> list[str]:
 
 
 def _load_image(path: str):
-    from PIL import Image
-
     if not os.path.isfile(path):
         raise BadItem("missing image", path)
     try:
@@ -88,8 +93,6 @@ class Pretokenizer:
     def __init__(self, tokenizer_path: str, vqgan_dir: str | None, target_size: int, max_length: int,
                  batch_size: int, random_crop: bool, seed: int, image_root: str, image_tokenizer=None,
                  num_workers: int = 4):
-        from lumina_jax.tokenizer import load_tokenizer
-        from lumina_jax.unirep import crop_size_list
 
         self.tokenizer, self.special = load_tokenizer(tokenizer_path)
         self.crop_sizes = crop_size_list(target_size)
@@ -103,15 +106,12 @@ class Pretokenizer:
         if self._image_tokenizer is None:
             if not self.vqgan_dir:
                 raise ValueError("items have images but no --vqgan checkpoint directory was given")
-            from lumina_jax.image_tokenizer import ImageTokenizer
 
             self._image_tokenizer = ImageTokenizer.from_checkpoint(self.vqgan_dir)
         return self._image_tokenizer
 
     def process_chunk(self, items: list[tuple[int, dict]]):
         """-> (good [(id, tokens, labels)], bad [(id, kind, detail)]) in item order."""
-        from lumina_jax.conversation import IMAGE_PLACEHOLDER, ConversationError, encode_conversation
-        from lumina_jax.unirep import codes_to_unirep, encode_arrays, prepare_image
 
         def prepare(idx, item):
             if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
@@ -171,7 +171,6 @@ def _shard_dir(out: str, shard: int, num_shards: int) -> str:
 
 def run_shard(args, items: list, pretok: Pretokenizer) -> dict:
     """Process this shard's uncommitted chunks; returns its progress record."""
-    from tqdm import tqdm
 
     sdir = _shard_dir(args.out, args.shard, args.num_shards)
     os.makedirs(sdir, exist_ok=True)
@@ -317,7 +316,6 @@ def image_tokenizer_sha256(tok) -> str:
 
     An image tokenizer passed to `main` without `config` and `params` (a stand-in) is known by its class.
     """
-    import jax
 
     if not (hasattr(tok, "config") and hasattr(tok, "params")):
         return hashlib.sha256(f"{type(tok).__module__}.{type(tok).__qualname__}".encode()).hexdigest()
@@ -359,9 +357,6 @@ def _check_out(out: str) -> None:
 def _load_models(args, items: list, image_tokenizer) -> tuple["Pretokenizer", dict]:
     """The VQGAN and the tokenizer, loaded (and hashed) before anything is written."""
     if image_tokenizer is None and args.vqgan:
-        from lumina_jax.param_checkpoint import CheckpointError
-        from lumina_jax.image_tokenizer import ImageTokenizer
-
         try:
             image_tokenizer = ImageTokenizer.from_checkpoint(args.vqgan)
         except (CheckpointError, OSError, ValueError) as e:

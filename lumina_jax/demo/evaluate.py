@@ -25,8 +25,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from PIL import Image
+
 from lumina_jax import param_checkpoint
-from lumina_jax.inference import DEMO_CFG_MIN_P, add_jacobi_flags
+from lumina_jax.demo.shape_analysis import accuracy_table, format_table
+from lumina_jax.demo.shapes import eval_specs
+from lumina_jax.inference import (DEFAULT_CHECKPOINT, DEMO_CFG_MIN_P, InferenceError, Lumina, add_jacobi_flags,
+                                  jacobi_settings)
+from lumina_jax.sampling import processors
 from lumina_jax.validation import SEED_MAX, check_float, float_flag, int_flag
 
 PER_SPLIT = 96  # prompts per split: one image moves a split's accuracy by about 1 point
@@ -52,7 +58,6 @@ def generate_specs(lm, specs: Sequence, guidance: float, seed: int = 0, image_to
     Sizes differ per row, so rows are built here with their own forced size tokens (the per-row `forced_hw`
     of the sampler) instead of one `Lumina.generate` call (and one compilation) per size.
     """
-    from lumina_jax.sampling import processors
 
     settings = processors.SamplingSettings(cfg_scale=float(guidance), cfg_min_p=float(cfg_min_p),
                                            image_top_k=int(image_top_k), text_top_k=10, temperature=float(temperature),
@@ -77,10 +82,7 @@ def evaluate(lm, scales: Sequence[float], per_split: int = PER_SPLIT, seed: int 
              image_top_k: int = 16, temperature: float = 1.0, out_dir: str | None = None,
              progress: bool = True, cfg_min_p: float = 0.0, jacobi=None) -> list[dict]:
     """Generates and scores; returns the rows of `shape_analysis.accuracy_table` (and saves PNGs to out_dir)."""
-    from PIL import Image
 
-    from lumina_jax.demo.shapes import eval_specs
-    from lumina_jax.demo.shape_analysis import accuracy_table
 
     specs = eval_specs(lm.target_size, per_split=per_split, seed=spec_seed)
     results = {}
@@ -126,8 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lumina_jax.demo.shape_analysis import format_table
-    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina, jacobi_settings
 
     try:
         scales = parse_scales(args.guidance)

@@ -37,6 +37,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from sentencepiece import sentencepiece_model_pb2
+
+from lumina_jax import param_checkpoint
+from lumina_jax.data.records import PretokenizedDataset, write_dataset
+from lumina_jax.demo import vqgan as demo_vqgan
+from lumina_jax.tokenizer import load_tokenizer
 from lumina_jax.validation import SEED_MAX, int_flag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -123,9 +132,7 @@ def _child_env() -> dict:
 def trim_image_only(src: Path, dst: Path, data_json: Path, image_start: int) -> dict:
     """Copies the pre-tokenized dataset `src` to `dst`, cutting every image-only item (meta.image_only in
     `data_json`) to start at its image-start token; returns counts."""
-    import numpy as np
 
-    from lumina_jax.data.records import PretokenizedDataset, write_dataset
 
     with open(data_json, encoding="utf-8") as f:
         meta = [it.get("meta", {}) for it in json.load(f)]
@@ -148,7 +155,6 @@ def trim_image_only(src: Path, dst: Path, data_json: Path, image_start: int) -> 
 def check_vqgan_run(directory: Path, seed: int, flags: tuple[str, ...]) -> None:
     """Warns unless `directory`'s train_report.json shows the training settings this recipe would use (the
     evaluation settings aside), i.e. unless reusing it equals running the VQGAN stage."""
-    from lumina_jax.demo import vqgan as demo_vqgan
 
     report = directory / demo_vqgan.REPORT_FILE
     if not report.is_file():
@@ -166,10 +172,7 @@ def check_vqgan_run(directory: Path, seed: int, flags: tuple[str, ...]) -> None:
 
 def assemble(out: Path, decoder_dir: Path, vqgan_dir: Path, tokenizer_model: Path, target_size: int) -> None:
     """Writes the inference directory `out` (lumina.json, decoder/, vqgan/, tokenizer/) with bf16 weights."""
-    import jax
-    import jax.numpy as jnp
 
-    from lumina_jax import param_checkpoint
 
     def to_bf16(tree):
         return jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
@@ -198,7 +201,6 @@ def strip_machine_paths(model_dir: Path) -> None:
     model records its training inputs and output prefix. Neither is read back: the markers' presence is
     what counts, and the trainer settings are informational.
     """
-    from sentencepiece import sentencepiece_model_pb2
 
     for marker in Path(model_dir).rglob("commit_success.txt"):
         marker.write_text("Checkpoint commit was successful")
@@ -213,7 +215,6 @@ def strip_machine_paths(model_dir: Path) -> None:
 def claim_work_dir(out: Path, vqgan: str | None = None) -> None:
     """Makes `out` the recipe's work directory, refusing one it did not start: reruns replace its stage folders
     (vqgan/, tokenizer/, data/, runs/, export/, model/), which must never be a user's own files or --vqgan."""
-    from lumina_jax import param_checkpoint
 
     try:
         param_checkpoint.check_outside_inputs(out, [vqgan])
@@ -270,8 +271,6 @@ def run_recipe(out: Path, seed: int = 0, preset: str = "full", vqgan: str | None
               "--reserved-end", str(RESERVED_END), "--seed", str(seed)], log)
 
     def pretokenize():
-        from lumina_jax.tokenizer import load_tokenizer
-
         _, sp = load_tokenizer(str(out / "tokenizer" / "tok.model"))
         for size, d in sets.items():
             raw = out / "data" / f"raw{size}"
@@ -285,8 +284,6 @@ def run_recipe(out: Path, seed: int = 0, preset: str = "full", vqgan: str | None
             (out / "data" / f"stage{size}.yaml").write_text(f"META:\n  - path: {final}\n")
 
     def model_overrides() -> list[str]:
-        from lumina_jax.tokenizer import load_tokenizer
-
         tok, sp = load_tokenizer(str(out / "tokenizer" / "tok.model"))
         # exactly the tokenizer's size: a padded id could be sampled as text and then not decode
         return [f"model.vocab_size={tok.vocab_size}", f"model.image_token_start={sp.image_token_start}",

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from lumina_jax.demo.shapes import COLOURS, FILL_RATIOS, PALETTE, ShapeSpec
 
@@ -70,8 +71,6 @@ def border_pixels(arr: np.ndarray) -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
     if n == 0:
         return mask

@@ -29,8 +29,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-from lumina_jax.unirep import target_size_flag
+from lumina_jax.param_checkpoint import atomic_directory
+from lumina_jax.unirep import crop_size_list, target_size_flag
 from lumina_jax.validation import SEED_MAX, float_flag, int_flag
 
 # Palette: far apart in RGB (smallest pairwise distance about 150), so nearest-colour analysis is robust.
@@ -129,8 +131,6 @@ class SetConfig:
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
-        from lumina_jax.unirep import crop_size_list
-
         return crop_size_list(self.target_size)
 
 
@@ -238,7 +238,6 @@ def training_items(cfg: SetConfig) -> Iterator[Item]:
 def eval_specs(target_size: int = 64, per_split: int = 24, seed: int = 1234) -> list[ShapeSpec]:
     """The fixed evaluation prompts: `per_split` seen and `per_split` held-out combinations, sizes cycling
     through the crop list of `target_size` (seen first, then held-out)."""
-    from lumina_jax.unirep import crop_size_list
 
     sizes = crop_size_list(target_size)
     out = []
@@ -257,9 +256,7 @@ def eval_specs(target_size: int = 64, per_split: int = 24, seed: int = 1234) -> 
 # ---------------------------------------------------------------------------------------------------------
 def write_set(out_dir: str | os.PathLike, cfg: SetConfig, overwrite: bool = False, progress: bool = True) -> dict:
     """Writes images/, data.json, corpus.txt and set_config.json into `out_dir` (atomically); returns a summary."""
-    from tqdm import tqdm
 
-    from lumina_jax.param_checkpoint import atomic_directory
 
     counts = {"items": 0, "image_only": 0, "by_size": {}}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

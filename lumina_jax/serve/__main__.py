@@ -18,7 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lumina_jax.inference import add_placement_flags
+from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina, add_placement_flags
+from lumina_jax.serve import forms
+from lumina_jax.serve.batching import Batcher
+from lumina_jax.serve.service import Service
 from lumina_jax.validation import float_flag, int_flag
 
 
@@ -51,12 +54,7 @@ def _stop(signum, frame):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import uvicorn
-
-    from lumina_jax.inference import DEFAULT_CHECKPOINT, InferenceError, Lumina
-    from lumina_jax.serve import forms
-    from lumina_jax.serve.batching import Batcher
-    from lumina_jax.serve.service import Service
+    import uvicorn  # the [serve] extra: only the server needs it
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -11,6 +11,8 @@ import collections
 import json
 import os
 
+from tokenizers import pre_tokenizers
+
 from lumina_jax.tokenizer import image_token_name
 
 VOCAB_SIZE = 65536
@@ -45,7 +47,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def _learn_merges(num_merges: int) -> list[tuple[str, str]]:
     """Greedy BPE on the fixed corpus; ties broken by the pair itself, so the result is deterministic."""
-    from tokenizers import pre_tokenizers
 
     words = collections.Counter(
         w for w, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(" ".join(_CORPUS.split()))

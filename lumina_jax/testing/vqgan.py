@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from lumina_jax import param_checkpoint
+from lumina_jax.convert.vqgan import state_dict_from_params
 from lumina_jax.image_tokenizer import CONFIG_FILE
 from lumina_jax.models.vqgan import VQGANConfig, abstract_params
 
@@ -72,7 +73,6 @@ def write_lightning_vqgan(directory: str | os.PathLike, config: VQGANConfig | No
     """
     import torch
 
-    from lumina_jax.convert.vqgan import state_dict_from_params
 
     config = config or tiny_vqgan_config()
     directory = Path(directory)
