@@ -17,7 +17,8 @@ import argparse
 import json
 import sys
 
-from lumina_jax.inference import InferenceError, add_jacobi_flags, add_placement_flags
+from lumina_jax.inference import (DEFAULT_CHECKPOINT, InferenceError, Lumina, add_jacobi_flags, add_placement_flags,
+                                  check_seed, load_image_file, parse_size, writable_output_dir)
 from lumina_jax.tasks import TASKS
 from lumina_jax.unirep import target_size_flag
 from lumina_jax.validation import SEED_MAX, float_flag, int_flag, parse_json
@@ -128,9 +129,6 @@ def _jsonl_item(line: str, where: str) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lumina_jax.inference import (DEFAULT_CHECKPOINT, InferenceError, Lumina, check_seed, load_image_file,
-                                      parse_size, writable_output_dir)
-
     try:
         prompts, images = read_prompts(args)
         size = parse_size(args.size) if args.size else None

@@ -16,11 +16,12 @@ import shutil
 import sys
 import tempfile
 
+import sentencepiece as spm
+
+from lumina_jax.tokenizer import image_token_name
 from lumina_jax.validation import SEED_MAX, float_flag, int_flag
 
 MIN_RESERVED_END = 8806  # <reserved08800> (the size base) and one size token must exist
-
-from lumina_jax.tokenizer import image_token_name
 
 
 def special_symbols(num_image_codes: int, reserved_end: int) -> list[str]:
@@ -69,8 +70,6 @@ def train(input_files: list[str], out_prefix: str, text_vocab_size: int, num_ima
     Both files are trained under a temporary prefix beside the output and renamed at the end, so a failed
     or killed run leaves neither; existing output files are never replaced.
     """
-    import sentencepiece as spm
-
     for p in input_files:
         check_corpus(p)
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
