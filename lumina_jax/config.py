@@ -10,6 +10,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+WEIGHT_QUANT_MODES = ("none", "int8")
+KV_CACHE_QUANT_MODES = ("none", "int8", "fp8")
+
 
 @dataclasses.dataclass(frozen=True)
 class ChameleonConfig:
@@ -40,6 +43,9 @@ class ChameleonConfig:
     logits_dtype: str = "float32"  # dtype of returned logits
     scan_layers: bool = True  # stack layers with nn.scan (parameters carry a leading "layers" axis)
     remat_policy: str = "none"  # named rematerialisation policy for each block (see models.chameleon.REMAT_POLICIES)
+    # --- inference-only quantisation (docs/quantization.md) ----------------------------------------------
+    weight_quant: str = "none"  # "int8": every projection and lm_head stored int8 with per-output-channel scales
+    kv_cache_quant: str = "none"  # "int8" / "fp8" (e4m3): the KV cache stored quantised with per-slot, per-head scales
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -60,6 +66,9 @@ class ChameleonConfig:
                 f"ChameleonConfig image_token_start={self.image_token_start}, image_token_end={self.image_token_end} "
                 "must satisfy 0 <= start <= end"
             )
+        for name, known in (("weight_quant", WEIGHT_QUANT_MODES), ("kv_cache_quant", KV_CACHE_QUANT_MODES)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"ChameleonConfig.{name}={getattr(self, name)!r} is unknown; known: {list(known)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.num_heads % self.q_norm_rows:

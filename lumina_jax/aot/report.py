@@ -79,13 +79,19 @@ class Report:
 
     def step_seconds(self) -> float:
         """Train: step time at `mfu` of the chip's peak. Generate: one decode step, the larger of the compute
-        time at `mfu` and the time to read the weights and the KV cache from HBM once."""
+        time at `mfu` and the time to move the step's HBM bytes (`decode_step_bytes`)."""
         chip = self.topology.chip
         compute = self.model_flops / self.num_devices / (self.mfu * chip.peak_bf16_flops)
         if self.decode is None:
             return compute
-        memory = (self.decode["param_bytes"] + self.decode["kv_cache_bytes"]) / chip.hbm_bandwidth
+        memory = self.decode_step_bytes() / chip.hbm_bandwidth
         return max(compute, memory)
+
+    def decode_step_bytes(self) -> float:
+        """HBM bytes of one decode step per chip: the compiled step's cost analysis when it was compiled, else
+        the weights and KV cache read once."""
+        measured = self.decode.get("step_bytes_accessed")
+        return measured if measured else self.decode["param_bytes"] + self.decode["kv_cache_bytes"]
 
     def verdict(self) -> str:
         """One line: fits with how much headroom, or does not fit with need and capacity."""
@@ -190,6 +196,10 @@ def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh
     if not rep.fits:
         rep.largest = _largest_buffers(rep, program)
     rep.compiled = compiled
+    if program.step_lowered is not None:  # bytes of one decode step, from its own compiled program
+        step_cost = program.step_lowered.compile().cost_analysis()
+        step_cost = step_cost[0] if isinstance(step_cost, (list, tuple)) else step_cost
+        rep.decode = dict(rep.decode, step_bytes_accessed=float(step_cost.get("bytes accessed", 0.0)))
     return rep
 
 
@@ -246,8 +256,12 @@ def format_report(rep: Report) -> str:
                      f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip, model FLOPs)")
     else:
         d = rep.decode
+        measured = "step_bytes_accessed" in d
+        lines.append(f"bytes/step  {format_bytes(rep.decode_step_bytes())} per device  ["
+                     + ("cost analysis of one compiled decode step" if measured else "weights + KV cache, read once")
+                     + "]")
         lines.append(f"decode      {format_seconds(rep.step_seconds())} per step (max of compute at {rep.mfu:.0%} MFU and "
-                     f"reading weights + KV cache at {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
+                     f"moving those bytes at {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
                      f"{d['steps']} steps -> {format_seconds(rep.step_seconds() * d['steps'])} per image batch")
     lines.append(rep.verdict())
     if not rep.fits:

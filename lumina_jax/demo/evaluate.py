@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also save every generated image under OUT/guidance<g>/")
     p.add_argument("--json", default=None, help="also write the table rows to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help="evaluate with int8 weights (Lumina.load(quantize=...); default: as stored)")
+    p.add_argument("--kv-cache", default=None, choices=["none", "int8", "fp8"],
+                   help="evaluate with a quantised KV cache (Lumina.load(kv_cache=...); default none)")
     return p
 
 
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--per-split {args.per_split}: must be >= 1")
         if not 0.0 <= args.cfg_min_p < 1.0:
             raise ValueError(f"--cfg-min-p {args.cfg_min_p}: must be in [0, 1)")
-        lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
+        lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT, quantize=args.quantize, kv_cache=args.kv_cache)
     except (ValueError, InferenceError) as e:
         print(f"lumina_jax.demo.evaluate: {e}", file=sys.stderr)
         return 2

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         lm = Lumina.load(Path(args.checkpoint or DEFAULT_CHECKPOINT), mesh=args.mesh, rules=args.rules,
-                         dtype=args.dtype)
+                         dtype=args.dtype, quantize=args.quantize, kv_cache=args.kv_cache)
     except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -115,6 +115,10 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"loss.chunk_size={cfg.loss.chunk_size} must be >= 1")
     if cfg.optimizer.warmup_steps < 0 or cfg.total_steps < 1:
         raise ValueError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} / total_steps={cfg.total_steps} out of range")
+    for name in ("weight_quant", "kv_cache_quant"):  # inference-only layouts (no gradients through int8)
+        if getattr(cfg.model, name) != "none":
+            raise ValueError(f"model.{name}={getattr(cfg.model, name)!r}: quantisation is for inference only; "
+                             f"training needs 'none' (the aot tool's generate mode takes generate.{name})")
 
 
 # --------------------------------------------------------------------------------------------------------
