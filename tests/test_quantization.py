@@ -138,10 +138,10 @@ def test_int8_weights_equal_the_plain_model_on_numpy_dequantised_weights(tiny):
 def test_int8_weights_logit_error_on_a_random_model_is_small_but_not_zero(tiny):
     cfg, params, qcfg, qparams = tiny
     base = _decode_logits(cfg, params, TOKENS)
-    err = np.abs(_decode_logits(qcfg, qparams, TOKENS) - base)
-    # bound: 2% of the logits' spread at worst, 0.5% on average (measured about 0.9% and 0.2%)
-    assert err.max() <= 0.02 * base.std() * 8 and err.mean() <= 0.005 * base.std() * 8
-    assert err.max() > 1e-4 * base.std()  # quantisation happened
+    err = np.abs(_decode_logits(qcfg, qparams, TOKENS) - base) / base.std()
+    # bounds relative to the logits' standard deviation (measured: max 0.049, mean 0.0084)
+    assert err.max() <= 0.1 and err.mean() <= 0.02
+    assert err.max() > 1e-3  # quantisation happened
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
@@ -167,14 +167,13 @@ def test_kv_cache_write_read_matches_the_numpy_per_slot_per_head_reference(mode)
     assert np.abs(got_k[0, 2:5] - k[0]).max() > 1e-4
 
 
-@pytest.mark.parametrize("mode,bound", [("int8", 0.01), ("fp8", 0.05)])
+@pytest.mark.parametrize("mode,bound", [("int8", 0.05), ("fp8", 0.25)])  # measured 0.018 and 0.096
 def test_kv_cache_logit_error_on_a_random_model(tiny, mode, bound):
     cfg, params, _, _ = tiny
     base = _decode_logits(cfg, params, TOKENS)
-    err = np.abs(_decode_logits(cfg.replace(kv_cache_quant=mode), params, TOKENS) - base)
-    # bound relative to the logits' spread (measured: int8 about 0.1%, fp8 about 1%)
-    assert err.max() <= bound * base.std() * 8
-    assert err.max() > 1e-5 * base.std()  # the cache really was quantised
+    err = np.abs(_decode_logits(cfg.replace(kv_cache_quant=mode), params, TOKENS) - base) / base.std()
+    assert err.max() <= bound  # relative to the logits' standard deviation
+    assert err.max() > 1e-4  # the cache really was quantised
 
 
 def test_sharded_generation_equals_one_device_with_int8_weights_and_cache(tiny):
