@@ -79,6 +79,57 @@ def smallest_fit(model, batch, chip, option, cache_dir, cached_only):
     return None, rejected
 
 
+def analytic_rows(chips_wanted=("v5e", "v5p")):
+    """Without compiling: weights and KV cache per chip from the abstract sharded inputs of the generate program
+    (exact), the bytes of reading both once per step, that time at the chip's HBM bandwidth, and the smallest
+    slice whose chips can hold weights + KV cache at all (a lower bound: temporaries and code come on top)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    from lumina_jax import sharding
+    from lumina_jax.aot.programs import device_bytes
+    from lumina_jax.aot.topology import build_mesh, parse_topology, topology_devices
+    from lumina_jax.models.attention import init_cache
+    from lumina_jax.param_checkpoint import abstract_like
+    from lumina_jax.state import abstract_params
+    from lumina_jax.training.config import load_config
+    from lumina_jax.unirep import unirep_length
+
+    usable = {"v5e": 15.75 * GiB, "v5p": 95.74 * GiB}
+    slots = 64 + unirep_length(768, 768) + 8  # the aot tool's prompt bucket + image + extra tokens
+    lines = ["| model, prompts (rows) | chip | weights / KV cache | per chip on the smallest slice: weights, KV cache "
+             "| bytes read per step (weights + KV) | at HBM bandwidth | smallest slice holding weights + KV |",
+             "|---|---|---|---|---|---|---|"]
+    rules = sharding.rule_set("tensor")
+
+    def per_chip(model, batch, topology, weights, kv):
+        mcfg = load_config(os.path.join(ROOT, CONFIGS[model]), []).model
+        cfg = mcfg.replace(param_dtype="bfloat16", dtype="bfloat16", scan_layers=False, dropout=0.0,
+                           weight_quant=weights, kv_cache_quant=kv)
+        topo = parse_topology(topology)
+        mesh = build_mesh(topo, topology_devices(topo), "tensor=-1")
+        cache = jax.eval_shape(lambda: init_cache(cfg, 2 * batch, slots))
+        return (device_bytes(abstract_params(cfg, mesh, rules)),
+                device_bytes(abstract_like(cache, sharding.cache_shardings(cfg, mesh, rules))), topo)
+
+    for batch in (8, 32):
+        for chip in chips_wanted:
+            for model in ("7b", "34b"):
+                for option, (weights, kv) in OPTIONS.items():
+                    for topology in SLICES[chip]:
+                        w, k, topo = per_chip(model, batch, topology, weights, kv)
+                        if w + k <= usable[chip]:
+                            break
+                    ratio = ""
+                    if option != "bf16":  # against bf16 on the same slice
+                        bw, bk, _ = per_chip(model, batch, topology, "none", "none")
+                        ratio = f" ({(w + k) / (bw + bk):.2f}x bf16 on {topology})"
+                    lines.append(f"| {model.upper()}, {batch} ({2 * batch}) | {chip} | {option} | {w / GiB:.2f} GiB, "
+                                 f"{k / GiB:.2f} GiB | {(w + k) / GiB:.2f} GiB{ratio} | "
+                                 f"{(w + k) / topo.chip.hbm_bandwidth * 1e3:.1f} ms | {topology} ({topo.num_chips}) |")
+    return "\n".join(lines)
+
+
 def table(results) -> str:
     head = ("| model, prompts (rows) | chip | weights / KV cache | slice (chips) | per chip: weights, KV cache, total | "
             "bytes per decode step (vs bf16) | roofline step | smaller slice |")
@@ -109,10 +160,15 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="print the row keys and exit")
     p.add_argument("--cached-only", action="store_true", help="compile nothing; use cached results only")
     p.add_argument("--markdown", action="store_true", help="print the markdown table at the end")
+    p.add_argument("--analytic", action="store_true",
+                   help="compile nothing: print weights / KV per chip and bytes per step from the abstract inputs")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "lumina_aot_quantize"),
                    help="where compile results are kept (default: lumina_aot_quantize in the temporary directory)")
     args = p.parse_args(argv)
     all_rows = rows()
+    if args.analytic:
+        print(analytic_rows())
+        return 0
     if args.list:
         print("\n".join(r[0] for r in all_rows))
         return 0
