@@ -2,7 +2,7 @@
 
 Dropout 0 follows the paper's Table 1 for the 30B model. FSDP over all devices plus tensor parallelism
 inside a host is a reasonable start: parallel.mesh=fsdp=-1,tensor=8."""
-from lumina_jax.config import get_config as model_preset
+from lumina_jax.config import model_preset
 from lumina_jax.training.config import fpsft_config
 
 

@@ -2,7 +2,7 @@
 
 A 1024x1024 image alone is 4164 tokens, so the sequence length is 5120, not the reference's 4096
 (which truncates images; docs/reference.md#silent-truncation)."""
-from lumina_jax.config import get_config as model_preset
+from lumina_jax.config import model_preset
 from lumina_jax.training.config import fpsft_config
 
 

@@ -1,6 +1,6 @@
 """FP-SFT stage 1: Lumina-mGPT 7B at 512 px, from Chameleon_7B_mGPT with the image rows of lm_head zeroed
 (the reference's `starting_point`). Set checkpoint.init_from to the converted Chameleon_7B_mGPT."""
-from lumina_jax.config import get_config as model_preset
+from lumina_jax.config import model_preset
 from lumina_jax.training.config import fpsft_config
 
 

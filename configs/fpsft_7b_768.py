@@ -1,5 +1,5 @@
 """FP-SFT stage 2: Lumina-mGPT 7B at 768 px, continuing from the 512 stage (converted or exported)."""
-from lumina_jax.config import get_config as model_preset
+from lumina_jax.config import model_preset
 from lumina_jax.training.config import fpsft_config
 
 

@@ -1,7 +1,7 @@
 """Omni-SFT: Lumina-mGPT 7B from the 768 FP-SFT stage on the omni task mix (image-to-image, depth,
 segmentation, editing ...). An input image plus an output image at 768 px is about 4.8k tokens, so the
 sequence length is 6144 [D: the released run's value is not published]."""
-from lumina_jax.config import get_config as model_preset
+from lumina_jax.config import model_preset
 from lumina_jax.training.config import fpsft_config
 
 

@@ -3,7 +3,7 @@
     python train.py --config configs/tiny_cpu.py output_dir=runs/tiny
     python train.py --config configs/tiny_cpu.py output_dir=runs/tiny data.config_path=data.yaml
 """
-from lumina_jax.config import get_config as model_preset
+from lumina_jax.config import model_preset
 from lumina_jax.training.config import (CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimizerConfig,
                                         ParallelConfig, TrainConfig)
 

@@ -115,7 +115,8 @@ PRESETS: dict[str, ChameleonConfig] = {
 }
 
 
-def get_config(name: str, **overrides) -> ChameleonConfig:
+def model_preset(name: str, **overrides) -> ChameleonConfig:
+    """The ChameleonConfig preset `name` (7b, 34b, tiny, ...) with `overrides` applied; configs/*.py build on these."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

@@ -6,7 +6,7 @@
     codes = tok.encode_pil([pil, ...])          # list of (h, w) int32 numpy arrays
     pils = tok.decode_to_pil(codes)             # list of PIL RGB images
 
-Pre/post-processing follows Lumina's path (Meta's `ImageTokenizer`, spec section 2.5): transparency
+Pre/post-processing follows Lumina's path (Meta's `ImageTokenizer`; docs/reference.md, "Image pre- and post-processing"): transparency
 is blended onto white, pixels map to [-1, 1] with `x/255*2-1`; on the way out values are clamped,
 mapped with `(x+1)/2*255` in float32 and truncated (not rounded) to uint8. No resizing happens here
 (cropping to a Lumina size is the data pipeline's job).

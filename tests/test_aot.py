@@ -15,7 +15,7 @@ from lumina_jax.aot.analysis import analyse_jaxpr
 from lumina_jax.aot.programs import lower_train
 from lumina_jax.aot.report import parse_oom
 from lumina_jax.aot.topology import CHIPS, GiB, build_mesh, parse_topology, topology_devices
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.training import train_step
 from lumina_jax.training.config import load_config
 
@@ -104,7 +104,7 @@ def cli_format(r):
 def test_compiled_parameters_sharded_as_the_rules_say(train_report):
     r = train_report
     state_in, _batch_in = r.compiled.input_shardings[0]
-    cfg = get_config("tiny")
+    cfg = model_preset("tiny")
     mesh = r.compiled.input_shardings[0][0]["params"]["lm_head"]["kernel"].mesh
     want = state.param_shardings(cfg, mesh, sharding.FSDP_RULES)
     got = state_in["params"]
@@ -132,7 +132,7 @@ def test_generate_loop_compiles_with_memory_report():
     assert r.fits and r.mode == "generate"
     assert r.workload["rows (with guidance)"] == 4 and r.mesh["tensor"] == 4
     # bf16 weights split over 4 chips by heads / MLP / vocabulary
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(state.param_shapes(get_config("tiny"))))
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(state.param_shapes(model_preset("tiny"))))
     assert n * 2 / 4 <= r.inputs["parameters"] < n * 2 / 4 * 1.1
     assert r.decode["kv_cache_bytes"] > 0 and r.temp_bytes >= r.decode["kv_cache_bytes"]
     assert "decode" in cli_format(r) and r.step_seconds() > 0
@@ -143,7 +143,7 @@ def test_generate_with_int8_weights_and_kv_cache_stores_fewer_bytes_per_chip():
              "generate.image_size=64", "generate.batch_size=2", "generate.cfg_scale=3.0",
              "generate.weight_quant=int8", "generate.kv_cache_quant=int8")
     assert r.fits and r.workload["quantisation"] == "weights int8, KV cache int8"
-    cfg = get_config("tiny")
+    cfg = model_preset("tiny")
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(state.param_shapes(cfg)))
     emb = cfg.vocab_size * cfg.hidden_size  # the embedding stays bf16; every other matrix is int8 (+ scales)
     assert r.inputs["parameters"] < ((n - emb) * 1 + emb * 2) / 4 * 1.1

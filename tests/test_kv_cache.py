@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.models import chameleon as C
 from lumina_jax.state import init_params
 
-TINY = get_config("tiny")
-TINY_GQA_SWIN = get_config("tiny-gqa-swin")
+TINY = model_preset("tiny")
+TINY_GQA_SWIN = model_preset("tiny-gqa-swin")
 ATOL = 1e-4  # fp32; the cached and full paths sum the same terms in a different order and length
 
 

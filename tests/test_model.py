@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.models import chameleon as C
 from lumina_jax.state import init_params
 
-TINY = get_config("tiny")  # MHA, pre-norm, q/k-norm with 1 row
-TINY_GQA_SWIN = get_config("tiny-gqa-swin")  # 4 query heads over 2 kv heads, swin-norm, 2 rows
+TINY = model_preset("tiny")  # MHA, pre-norm, q/k-norm with 1 row
+TINY_GQA_SWIN = model_preset("tiny-gqa-swin")  # 4 query heads over 2 kv heads, swin-norm, 2 rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -302,7 +302,7 @@ def test_bf16_compute_close_to_fp32(cfg):
 
 def test_param_tree_matches_design():
     """Names, shapes and logical axes of the parameter tree as in docs/design.md."""
-    cfg = get_config("34b", num_layers=2)  # GQA shapes; evaluated abstractly, nothing is allocated
+    cfg = model_preset("34b", num_layers=2)  # GQA shapes; evaluated abstractly, nothing is allocated
     boxed = jax.eval_shape(C.Chameleon(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     import flax.linen as nn
 
@@ -349,4 +349,4 @@ def test_bad_inputs_named():
 ])
 def test_config_errors_name_the_field(override, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
-        get_config("tiny", **override)
+        model_preset("tiny", **override)

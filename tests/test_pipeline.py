@@ -93,10 +93,10 @@ def test_packing_keeps_every_example_whole_once(data):
 def test_packed_rows_match_separate_forward_passes(data):
     """Segment ids and positions from the pipeline isolate examples in the model: a packed row gives the same
     logits as each of its examples run alone."""
-    from lumina_jax.config import get_config
+    from lumina_jax.config import model_preset
     from lumina_jax.models.chameleon import Chameleon
 
-    cfg = get_config("tiny")
+    cfg = model_preset("tiny")
     model = Chameleon(cfg)
     rows = [{k: v[r] for k, v in b.items()}
             for b in _take(make_train_iterator(data["yaml"], seq_len=SEQ_LEN, batch_size=2, seed=3), 10)

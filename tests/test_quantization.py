@@ -16,7 +16,7 @@ import pytest
 
 from lumina_jax import sharding as S
 from lumina_jax import state
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.models import quantization
 from lumina_jax.models.attention import init_cache
 from lumina_jax.models.chameleon import Chameleon, decoder
@@ -65,7 +65,7 @@ def dequantized_in_numpy(qparams):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = get_config("tiny", scan_layers=False)
+    cfg = model_preset("tiny", scan_layers=False)
     params = state.init_params(cfg, 0)
     params = jax.tree_util.tree_map_with_path(  # a sharper head, as the sampler tests use
         lambda p, x: x * 40.0 if "lm_head" in jax.tree_util.keystr(p) else x, params)
@@ -146,7 +146,7 @@ def test_int8_weights_logit_error_on_a_random_model_is_small_but_not_zero(tiny):
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_kv_cache_write_read_matches_the_numpy_per_slot_per_head_reference(mode):
-    cfg = get_config("tiny", scan_layers=False, kv_cache_quant=mode)
+    cfg = model_preset("tiny", scan_layers=False, kv_cache_quant=mode)
     cache = init_cache(cfg, 2, 10)[0]
     assert cache.k.dtype == quantization.kv_storage_dtype(mode) and cache.k_scale.shape == (2, 10, 4, 1)
     rng = np.random.default_rng(0)
@@ -202,7 +202,7 @@ def test_sharded_generation_equals_one_device_with_int8_weights_and_cache(tiny):
 
 
 def test_init_of_a_quantised_config_gives_the_quantised_layout():
-    cfg = get_config("tiny", scan_layers=False, weight_quant="int8", dtype="bfloat16", param_dtype="bfloat16")
+    cfg = model_preset("tiny", scan_layers=False, weight_quant="int8", dtype="bfloat16", param_dtype="bfloat16")
     shapes = state.param_shapes(cfg)
     q = quantization.qarray(shapes["layers_1"]["self_attn"]["o_proj"]["kernel"])
     assert q.qvalue.dtype == jnp.int8 and q.qvalue.shape == (4, 16, 64) and q.scale.shape == (1, 1, 64)
@@ -233,5 +233,5 @@ def test_unsupported_kv_storage_is_refused_in_one_line(monkeypatch):
 
 
 def test_unquantised_chameleon_is_untouched_by_the_quantisation_path():
-    cfg = get_config("tiny", scan_layers=False)
+    cfg = model_preset("tiny", scan_layers=False)
     assert type(decoder(cfg)) is Chameleon

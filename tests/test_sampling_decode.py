@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.models.chameleon import Chameleon, unstack_layers
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import PROGRESS_EVERY, ChameleonDecodeModel, decode_jit
@@ -26,7 +26,7 @@ CROPS = [(64, 32), (32, 64), (32, 32), (96, 32), (64, 64)]  # (W, H) in px: 32-p
 @pytest.fixture(scope="module")
 def tiny():
     """(config, params) of the scanned tiny model (the full-forward reference) and of its decoding layout."""
-    cfg = get_config("tiny")
+    cfg = model_preset("tiny")
     params = init_params(cfg, 0)
     # sharpen the output layer so sampling is far from uniform (more informative comparisons)
     params = jax.tree_util.tree_map_with_path(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lumina_jax import sharding
-from lumina_jax.config import get_config
+from lumina_jax.config import model_preset
 from lumina_jax.models.chameleon import Chameleon
 from lumina_jax.state import init_params, init_train_state, train_state_shardings
 from lumina_jax.training import train_step as ts
@@ -20,7 +20,7 @@ SEQ = 32
 
 
 def _ctx(mesh_spec, *, accum=1, dropout=0.0, chunk=8, fused=True, eps=1e-8):
-    cfg = get_config("tiny", dropout=dropout, z_loss_weight=1e-3)
+    cfg = model_preset("tiny", dropout=dropout, z_loss_weight=1e-3)
     ocfg = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0, eps=eps)
     return ts.StepContext(cfg, LossConfig(chunk_size=chunk, fused_grad=fused), make_optimizer(ocfg, 10),
                           learning_rate_schedule(ocfg, 10), accum, make_mesh(mesh_spec), RULES)
@@ -73,7 +73,7 @@ def test_grad_accumulation_equals_whole_batch():
 
 
 def test_dropout_noise_differs_per_data_shard_but_not_per_mesh():
-    cfg = get_config("tiny", dropout=0.2)
+    cfg = model_preset("tiny", dropout=0.2)
     model = Chameleon(cfg)
     params = Chameleon(cfg.replace(dropout=0.0)).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     half = synthetic_global_batch(2, 0, 4, 16, cfg.vocab_size)

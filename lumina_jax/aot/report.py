@@ -248,7 +248,7 @@ def format_report(rep: Report) -> str:
                  + ("  [matrix products; remat recomputation included]" if rep.mode == "train"
                     else f"  [prefill + one pass of the decode loop body]"))
     lines.append(f"  model              {rep.model_flops:.4g} total, {rep.model_flops / n:.4g} per device"
-                 + ("  [6N + 12 L H Dh T per token]" if rep.mode == "train" else "  [2N + 4 L H Dh S per row]"))
+                 + ("  [6P + 12 L N H T per token]" if rep.mode == "train" else "  [2P + 4 L N H S per row]"))
     if rep.xla_flops_per_device is not None:
         lines.append(f"  XLA cost analysis  {rep.xla_flops_per_device:.4g} per device  [counts each loop body once]")
     if rep.mode == "train":

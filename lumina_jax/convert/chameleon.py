@@ -8,7 +8,7 @@ Commands (see `python -m lumina_jax.convert chameleon --help` and `... chameleon
 - `chameleon-export SRC OUT`: such a checkpoint -> a Hugging Face directory; with the default flags the
   tensors are bit-identical to the converted source (same keys, dtypes, shapes and bytes).
 
-The mapping is the literal table `KEY_TABLE` below. All three q/k-norm formats of spec 1.3.2 convert: the
+The mapping is the literal table `KEY_TABLE` below. All three q/k-norm row formats (docs/reference.md, "QK-norm row formats") convert: the
 row count r (1 = Lumina 7B, model-parallel size = Lumina 34B, heads = transformers) is read from the tensors
 and kept, so an export writes back exactly what was read. `model.vqmodel.*` (the VQGAN encoder that
 transformers bundles) is skipped by an explicit rule and counted: the VQGAN converts with `vqgan`.
@@ -68,21 +68,21 @@ def _copy(shape):
 D = lambda c: c.hidden_size  # noqa: E731
 F = lambda c: c.intermediate_size  # noqa: E731
 V = lambda c: c.vocab_size  # noqa: E731
-Dh = lambda c: c.head_dim  # noqa: E731
-H = lambda c: c.num_heads  # noqa: E731
+N = lambda c: c.num_heads  # noqa: E731
+H = lambda c: c.head_dim  # noqa: E731
 K = lambda c: c.num_kv_heads  # noqa: E731
 
-_Q_IN = Transform("(H*Dh, D) -> transpose (D, H*Dh) -> (D, H, Dh)",
-                  lambda c: (H(c) * Dh(c), D(c)), lambda c: (D(c), H(c), Dh(c)), transpose=True)
-_KV_IN = Transform("(K*Dh, D) -> transpose (D, K*Dh) -> (D, K, Dh)",
-                   lambda c: (K(c) * Dh(c), D(c)), lambda c: (D(c), K(c), Dh(c)), transpose=True)
-_O_OUT = Transform("(D, H*Dh) -> transpose (H*Dh, D) -> (H, Dh, D)",
-                   lambda c: (D(c), H(c) * Dh(c)), lambda c: (H(c), Dh(c), D(c)), transpose=True)
+_Q_IN = Transform("(N*H, D) -> transpose (D, N*H) -> (D, N, H)",
+                  lambda c: (N(c) * H(c), D(c)), lambda c: (D(c), N(c), H(c)), transpose=True)
+_KV_IN = Transform("(K*H, D) -> transpose (D, K*H) -> (D, K, H)",
+                   lambda c: (K(c) * H(c), D(c)), lambda c: (D(c), K(c), H(c)), transpose=True)
+_O_OUT = Transform("(D, N*H) -> transpose (N*H, D) -> (N, H, D)",
+                   lambda c: (D(c), N(c) * H(c)), lambda c: (N(c), H(c), D(c)), transpose=True)
 _UP = Transform("(F, D) -> transpose (D, F)", lambda c: (F(c), D(c)), lambda c: (D(c), F(c)), transpose=True)
 _DOWN = Transform("(D, F) -> transpose (F, D)", lambda c: (D(c), F(c)), lambda c: (F(c), D(c)), transpose=True)
 _HEAD = Transform("(V, D) -> transpose (D, V)", lambda c: (V(c), D(c)), lambda c: (D(c), V(c)), transpose=True)
-_Q_ROWS = _copy(lambda c: (c.q_norm_rows, Dh(c)))  # rows as stored: 1, model-parallel size, or H
-_K_ROWS = _copy(lambda c: (c.k_norm_rows, Dh(c)))
+_Q_ROWS = _copy(lambda c: (c.q_norm_rows, H(c)))  # rows as stored: 1, model-parallel size, or N
+_K_ROWS = _copy(lambda c: (c.k_norm_rows, H(c)))
 _NORM = _copy(lambda c: (D(c),))
 
 # HF key pattern -> (our parameter path, transform). Per-layer keys (with {L}) stack on a leading L axis.

@@ -1,14 +1,14 @@
 """Chameleon's VQGAN image tokenizer (taming-transformers `VQModel`) in Flax Linen, NHWC.
 
-Axis legend: B batch, H/W image height/width, h/w latent grid (H/16, W/16), C channels, D code dim,
-N codebook size.
+Axis legend (the package's, see lumina_jax/__init__.py): B batch, H/W image height/width, h/w latent grid
+(H/16, W/16), C channels, E code width, M codebook size.
 
 The parameter tree mirrors the PyTorch names (`encoder/down_2/block_0/norm1/scale` for
 `encoder.down.2.block.0.norm1.weight`), so the conversion table in `lumina_jax.convert.vqgan` is a
 mechanical renaming: conv kernels (O, I, kh, kw) -> (kh, kw, I, O), GroupNorm weight -> scale,
-`quantize.embedding.weight` -> `quantize/embedding` (N, D).
+`quantize.embedding.weight` -> `quantize/embedding` (M, E).
 
-Differences from the reference (taming `Encoder`/`Decoder`/`VectorQuantizer`, spec section 2):
+Differences from the reference (taming `Encoder`/`Decoder`/`VectorQuantizer`; docs/reference.md, "VQGAN"):
 - NHWC instead of NCHW; any H, W divisible by the downsampling factor, batched.
 - GroupNorm statistics, attention softmax and the code search always run in float32, also when the
   convolutions compute in bfloat16 (`dtype="bfloat16"`).
@@ -38,8 +38,8 @@ NORM_EPS = 1e-6  # GroupNorm epsilon of every taming Normalize()
 class VQGANConfig:
     """The fields of `model.params` (and its `ddconfig`) in a taming/Chameleon `vqgan.yaml`."""
 
-    embed_dim: int = 256  # code vector width D (codebook columns, quant_conv output)
-    n_embed: int = 8192  # codebook size N
+    embed_dim: int = 256  # code vector width E (codebook columns, quant_conv output)
+    n_embed: int = 8192  # codebook size M
     z_channels: int = 256  # encoder output / decoder input channels
     double_z: bool = False  # encoder outputs 2*z_channels (must be False for a VQModel)
     resolution: int = 512  # nominal training resolution; only used to place attention blocks
@@ -314,7 +314,7 @@ class Decoder(nn.Module):
 
 
 def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
-    """Index of the nearest codebook row for each vector of z (..., D), in float32.
+    """Index of the nearest codebook row for each vector of z (..., E), in float32.
 
     Uses the reference's expansion `sum(z^2) + sum(e^2) - 2 z.e` (same rounding behaviour); argmin returns
     the first index on ties.
@@ -341,7 +341,7 @@ class VQGAN(nn.Module):
         self.decoder = Decoder(cfg, self.dtype)
 
     def encode_latents(self, images):
-        """quant_conv(encoder(images)) (B, h, w, D), float32: the vectors that get quantized."""
+        """quant_conv(encoder(images)) (B, h, w, E), float32: the vectors that get quantized."""
         return self.quant_conv(self.encoder(images)).astype(jnp.float32)
 
     def encode_with_features(self, images):
@@ -355,11 +355,11 @@ class VQGAN(nn.Module):
         return nearest_codes(self.encode_latents(images), self.quantize.embedding)
 
     def lookup(self, codes):
-        """codes (B, h, w) -> code vectors (B, h, w, D) float32."""
+        """codes (B, h, w) -> code vectors (B, h, w, E) float32."""
         return jnp.take(self.quantize.embedding, codes, axis=0)
 
     def decode_latents(self, zq):
-        """Quantized vectors (B, h, w, D) -> images (B, f*h, f*w, out_ch) float32, unclamped."""
+        """Quantized vectors (B, h, w, E) -> images (B, f*h, f*w, out_ch) float32, unclamped."""
         return self.decoder(self.post_quant_conv(zq.astype(self.dtype))).astype(jnp.float32)
 
     def decode(self, codes):
@@ -372,7 +372,7 @@ class VQGAN(nn.Module):
 
 
 class Codebook(nn.Module):
-    """The quantizer's codebook, `quantize/embedding` (N, D), kept in float32."""
+    """The quantizer's codebook, `quantize/embedding` (M, E), kept in float32."""
 
     n_embed: int
     embed_dim: int
@@ -380,7 +380,7 @@ class Codebook(nn.Module):
     def setup(self):
         n = self.n_embed
 
-        def init(key, shape, dtype):  # taming: uniform(-1/N, 1/N)
+        def init(key, shape, dtype):  # taming: uniform(-1/M, 1/M)
             return jax.random.uniform(key, shape, dtype, -1.0 / n, 1.0 / n)
 
         self.embedding = self.param("embedding", init, (n, self.embed_dim), jnp.float32)
@@ -390,7 +390,7 @@ def init_params(config: VQGANConfig, rng: jax.Array | int) -> dict:
     """Random float32 parameters with the full tree (encoder, decoder, codebook, both 1x1 convs).
 
     `rng` is a jax key or an int seed. Sampled leaf by leaf with numpy from the abstract tree
-    (LeCun-normal kernels, zero biases, unit norm scales, taming's uniform(-1/N, 1/N) codebook):
+    (LeCun-normal kernels, zero biases, unit norm scales, taming's uniform(-1/M, 1/M) codebook):
     tracing `Module.init` through the whole network, or one jax.random call per shape, costs 15-30 s.
     """
     seed = rng if isinstance(rng, int) else [int(v) for v in np.asarray(jax.random.key_data(rng)).ravel()]
