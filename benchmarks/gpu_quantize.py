@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale")
     p.add_argument("--image-top-k", type=int, default=2000, help="top-k inside images")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per option and batch (best kept)")
+    p.add_argument("--preset", default="7b", help="decoder shape (lumina_jax.config.PRESETS; 'tiny' for a dry run)")
     args = p.parse_args(argv)
     import jax
 
@@ -37,10 +38,10 @@ def main(argv=None):
     if jax.default_backend() != "gpu":
         print(f"note: running on {jax.default_backend()}, not a GPU; the figures will not be GPU figures",
               file=sys.stderr)
-    cfg = PRESETS["7b"].replace(param_dtype="bfloat16", dtype="bfloat16", scan_layers=False,
+    cfg = PRESETS[args.preset].replace(param_dtype="bfloat16", dtype="bfloat16", scan_layers=False,
                                 image_token_start=IMG_LO, image_token_end=IMG_HI, vocab_size=VOCAB)
     prompt, settings, ids, body = image_workload(args.size, args.cfg, args.image_top_k, seed=0)
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; 7B shape, {args.size}x{args.size} = {body} body "
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.preset} shape, {args.size}x{args.size} = {body} body "
           f"tokens, cfg {args.cfg}, image top-k {args.image_top_k}", flush=True)
     names = args.options.split(",")
     base = {}
