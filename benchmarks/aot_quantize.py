@@ -4,7 +4,9 @@ TPU with `python -m lumina_jax.aot --mode generate` on the smallest slice that f
 
 Per row: weights and KV cache per chip, the HBM bytes of one decode step from the compiled step's cost
 analysis, the roofline step time (those bytes at the chip's HBM bandwidth, or compute at 40% MFU if longer),
-the total per chip, and the smallest slice (with why the next smaller one was rejected). Each row's bytes per
+the total per chip, and the smallest slice (with why the next smaller one was rejected). The roofline is
+given twice: for the weights and cache read once (the floor) and for the cost analysis's bytes (which count
+every fused operation's operands and results). Each row's bytes per
 step are also given as a ratio to the bf16 row of the same model, batch and slice when that was compiled.
 
     python benchmarks/aot_quantize.py --list                      # the rows and their keys
@@ -30,6 +32,7 @@ CONFIGS = {"7b": "configs/fpsft_7b_768.py", "34b": "configs/fpsft_34b_512.py"}  
 SLICES = {"v5e": ["v5e:2x2", "v5e:2x4", "v5e:4x4"], "v5p": ["v5p:2x2x1", "v5p:2x2x2"]}
 OPTIONS = {"bf16": ("none", "none"), "int8": ("int8", "none"), "int8+kv8": ("int8", "int8")}
 GiB = 1024 ** 3
+TOPOLOGY_BANDWIDTH = {"v5e": 819e9, "v5p": 2765e9}  # HBM bytes/s per chip (lumina_jax.aot.topology)
 
 
 def rows():
@@ -150,7 +153,8 @@ def table(results) -> str:
         lines.append(
             f"| {model.upper()}, {batch} ({2 * batch}) | {chip} | {option} | {topo} ({rep['chips']}) | "
             f"{d['param_bytes'] / GiB:.1f} GiB, {d['kv_cache_bytes'] / GiB:.1f} GiB, {rep['total_bytes'] / GiB:.1f} GiB | "
-            f"{step / GiB:.2f} GiB{ratio} | {rep['step_seconds'] * 1e3:.1f} ms | {'; '.join(rejected) or '-'} |")
+            f"{step / GiB:.2f} GiB{ratio} | {rep['step_seconds'] * 1e3:.1f} ms (weights + KV read once), "
+            f"{step / TOPOLOGY_BANDWIDTH[chip] * 1e3:.1f} ms (cost-analysis bytes) | {'; '.join(rejected) or '-'} |")
     return "\n".join(lines)
 
 

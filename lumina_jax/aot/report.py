@@ -79,19 +79,20 @@ class Report:
 
     def step_seconds(self) -> float:
         """Train: step time at `mfu` of the chip's peak. Generate: one decode step, the larger of the compute
-        time at `mfu` and the time to move the step's HBM bytes (`decode_step_bytes`)."""
+        time at `mfu` and the time to read the weights and the KV cache from HBM once."""
         chip = self.topology.chip
         compute = self.model_flops / self.num_devices / (self.mfu * chip.peak_bf16_flops)
         if self.decode is None:
             return compute
-        memory = self.decode_step_bytes() / chip.hbm_bandwidth
+        memory = (self.decode["param_bytes"] + self.decode["kv_cache_bytes"]) / chip.hbm_bandwidth
         return max(compute, memory)
 
-    def decode_step_bytes(self) -> float:
-        """HBM bytes of one decode step per chip: the compiled step's cost analysis when it was compiled, else
-        the weights and KV cache read once."""
-        measured = self.decode.get("step_bytes_accessed")
-        return measured if measured else self.decode["param_bytes"] + self.decode["kv_cache_bytes"]
+    def cost_analysis_step_seconds(self) -> Optional[float]:
+        """Generate mode: the HBM bytes of one compiled decode step (XLA's cost analysis, which counts every
+        fused operation's operands and results, so more than the weights and cache read once) at the chip's
+        bandwidth; None when the step was not compiled."""
+        measured = (self.decode or {}).get("step_bytes_accessed")
+        return measured / self.topology.chip.hbm_bandwidth if measured else None
 
     def verdict(self) -> str:
         """One line: fits with how much headroom, or does not fit with need and capacity."""
@@ -109,6 +110,7 @@ class Report:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d.update(topology=self.topology.name, slices=self.topology.num_slices, chips=self.topology.num_chips,
                  total_bytes=self.total_bytes, headroom_bytes=self.headroom_bytes, step_seconds=self.step_seconds(),
+                 cost_analysis_step_seconds=self.cost_analysis_step_seconds() if self.decode else None,
                  verdict=self.verdict())
         return d
 
@@ -256,12 +258,12 @@ def format_report(rep: Report) -> str:
                      f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip, model FLOPs)")
     else:
         d = rep.decode
-        measured = "step_bytes_accessed" in d
-        lines.append(f"bytes/step  {format_bytes(rep.decode_step_bytes())} per device  ["
-                     + ("cost analysis of one compiled decode step" if measured else "weights + KV cache, read once")
-                     + "]")
+        if rep.cost_analysis_step_seconds() is not None:
+            lines.append(f"bytes/step  {format_bytes(d['step_bytes_accessed'])} per device  [cost analysis of one "
+                         f"compiled decode step: {format_seconds(rep.cost_analysis_step_seconds())} at "
+                         f"{chip.hbm_bandwidth / 1e9:.0f} GB/s]")
         lines.append(f"decode      {format_seconds(rep.step_seconds())} per step (max of compute at {rep.mfu:.0%} MFU and "
-                     f"moving those bytes at {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
+                     f"reading weights + KV cache at {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
                      f"{d['steps']} steps -> {format_seconds(rep.step_seconds() * d['steps'])} per image batch")
     lines.append(rep.verdict())
     if not rep.fits:
