@@ -153,7 +153,7 @@ def table(results) -> str:
         lines.append(
             f"| {model.upper()}, {batch} ({2 * batch}) | {chip} | {option} | {topo} ({rep['chips']}) | "
             f"{d['param_bytes'] / GiB:.1f} GiB, {d['kv_cache_bytes'] / GiB:.1f} GiB, {rep['total_bytes'] / GiB:.1f} GiB | "
-            f"{step / GiB:.2f} GiB{ratio} | {rep['step_seconds'] * 1e3:.1f} ms (weights + KV read once), "
+            f"{step / GiB:.2f} GiB{ratio} | {(d['param_bytes'] + d['kv_cache_bytes']) / TOPOLOGY_BANDWIDTH[chip] * 1e3:.1f} ms (weights + KV read once), "
             f"{step / TOPOLOGY_BANDWIDTH[chip] * 1e3:.1f} ms (cost-analysis bytes) | {'; '.join(rejected) or '-'} |")
     return "\n".join(lines)
 
