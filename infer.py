@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         opened = {f: load_image_file(f) for files in images for f in files}  # decoded before the model loads
         images = [[opened[f] for f in files] for files in images]
         lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT, mesh=args.mesh, rules=args.rules, dtype=args.dtype,
-                         target_size=args.target_size)
+                         target_size=args.target_size, quantize=args.quantize, kv_cache=args.kv_cache)
         if size is not None:
             lm.size_to_patches(size)
         results = lm.generate(prompts, task=args.task, images=images, size=size, guidance=args.cfg,

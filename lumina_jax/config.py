@@ -15,6 +15,9 @@ from lumina_jax.validation import check_float, check_int
 # Values of ChameleonConfig.attention_impl (implemented in lumina_jax.models.attention_ops).
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
 
+WEIGHT_QUANT_MODES = ("none", "int8")
+KV_CACHE_QUANT_MODES = ("none", "int8", "fp8")
+
 
 @dataclasses.dataclass(frozen=True)
 class ChameleonConfig:
@@ -47,6 +50,9 @@ class ChameleonConfig:
     remat_policy: str = "none"  # named rematerialisation policy for each block (see models.chameleon.REMAT_POLICIES)
     attention_impl: str = "auto"  # auto (by backend: TPU splash, GPU cudnn, CPU blockwise), dense, blockwise, splash, cudnn
     attention_block: int = 512  # query/key block (tokens) of the blockwise and splash implementations
+    # --- inference-only quantisation (docs/quantization.md) ----------------------------------------------
+    weight_quant: str = "none"  # "int8": every projection and lm_head stored int8 with per-output-channel scales
+    kv_cache_quant: str = "none"  # "int8" / "fp8" (e4m3): the KV cache stored quantised with per-slot, per-head scales
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -78,6 +84,9 @@ class ChameleonConfig:
             )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"ChameleonConfig.attention_impl={self.attention_impl!r} is unknown; known: {ATTENTION_IMPLS}")
+        for name, known in (("weight_quant", WEIGHT_QUANT_MODES), ("kv_cache_quant", KV_CACHE_QUANT_MODES)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"ChameleonConfig.{name}={getattr(self, name)!r} is unknown; known: {list(known)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.num_heads % self.q_norm_rows:

@@ -32,9 +32,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from lumina_jax import param_checkpoint, sharding as S
-from lumina_jax.config import ChameleonConfig
+from lumina_jax.config import KV_CACHE_QUANT_MODES, WEIGHT_QUANT_MODES, ChameleonConfig
 from lumina_jax.conversation import ConversationError, build_prompt
 from lumina_jax.image_tokenizer import ImageTokenizer
+from lumina_jax.models.quantization import check_kv_backend
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel
 from lumina_jax.sampling.generate import decode_images, generate_tokens, size_table_from_crops, split_generation
@@ -115,13 +116,41 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_placement_flags(p) -> None:
-    """--mesh, --rules, --dtype: where and how `Lumina.load` places a model (infer.py and the server)."""
+    """--mesh, --rules, --dtype, --quantize, --kv-cache: where and how `Lumina.load` places a model (infer.py and
+    the server)."""
     p.add_argument("--mesh", default=None,
                    help="device mesh, e.g. tensor=8 or data=4,tensor=2 (axes data, fsdp, tensor; default: one device)")
     p.add_argument("--rules", default="tensor", choices=["tensor", "fsdp"],
                    help="parameter layout on the mesh: tensor parallel or FSDP (default tensor)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute dtype override (default: the decoder's config.json)")
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help="int8: weights of every projection and the output head stored int8 with one scale per output "
+                        "channel, computed in the compute dtype (half the weight bytes read per decode step; "
+                        "docs/quantization.md). Default: as stored (none, or int8 for a directory written by "
+                        "`python -m lumina_jax.convert quantize`)")
+    p.add_argument("--kv-cache", default=None, choices=["none", "int8", "fp8"],
+                   help="KV cache storage: int8 or fp8 (e4m3) values with one float32 scale per slot and head, "
+                        "about half the cache bytes; fp8 only where the backend supports it (default none: the "
+                        "compute dtype)")
+
+
+def quantized_config(cfg, quantize: str | None, kv_cache: str | None, source: str):
+    """`cfg` with the requested weight / KV cache quantisation (None keeps `cfg`'s); InferenceError names the
+    value. A quantised checkpoint (weight_quant="int8" in `source`) cannot be loaded unquantised."""
+
+    if quantize is not None and quantize not in WEIGHT_QUANT_MODES:
+        raise InferenceError(f"quantize={quantize!r} is unknown; known: {list(WEIGHT_QUANT_MODES)}")
+    if kv_cache is not None and kv_cache not in KV_CACHE_QUANT_MODES:
+        raise InferenceError(f"kv_cache={kv_cache!r} is unknown; known: {list(KV_CACHE_QUANT_MODES)}")
+    if quantize == "none" and cfg.weight_quant != "none":
+        raise InferenceError(f"{source}: the decoder is stored {cfg.weight_quant}-quantised; it cannot load unquantised")
+    cfg = cfg.replace(weight_quant=quantize or cfg.weight_quant, kv_cache_quant=kv_cache or cfg.kv_cache_quant)
+    try:
+        check_kv_backend(cfg.kv_cache_quant)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
+    return cfg
 
 
 def task_preset(task: str):
@@ -178,12 +207,13 @@ class Lumina:
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | os.PathLike, mesh: str | Any = None, rules: str = "tensor",
-             dtype: str | None = None, target_size: int | None = None) -> "Lumina":
+             dtype: str | None = None, target_size: int | None = None, quantize: str | None = None,
+             kv_cache: str | None = None) -> "Lumina":
         """Loads an assembled directory. `mesh`: None (one device), a spec like "tensor=8" or "data=4,tensor=2",
-        or a jax Mesh; `rules`: "tensor" or "fsdp" parameter layout; `dtype`: compute dtype override."""
-
-
-
+        or a jax Mesh; `rules`: "tensor" or "fsdp" parameter layout; `dtype`: compute dtype override.
+        `quantize="int8"`: int8 weights with per-output-channel scales (quantised after the restore, or restored
+        as stored from a directory written by `python -m lumina_jax.convert quantize`); `kv_cache`: "int8" or
+        "fp8" stores the KV cache quantised (docs/quantization.md). None keeps the directory's own setting."""
         directory = Path(directory)
         if not directory.is_dir():
             raise InferenceError(f"{directory}: checkpoint directory "
@@ -215,6 +245,7 @@ class Lumina:
             dec_dir = directory / manifest["decoder"]
             cfg = ChameleonConfig.from_dict(param_checkpoint.read_json(dec_dir, "config.json"))
             cfg = cfg.replace(scan_layers=False, **({"dtype": dtype} if dtype else {}))
+            cfg = quantized_config(cfg, quantize, kv_cache, str(dec_dir / "config.json"))
             tok = TextTokenizer.load(str(directory / manifest["tokenizer"]))
             special = SpecialIds.from_tokenizer(tok)
             try:  # the decoder config's image range and vocabulary must agree with the tokenizer's ids

@@ -202,7 +202,8 @@ def cache_shardings(config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rul
     """The shardings of `init_cache(config, ...)` (one KVCache of NamedShardings per layer), e.g. for jit
     out_shardings or device_put."""
     s = logical_sharding(mesh, rules, CACHE_AXES)
-    return tuple(KVCache(k=s, v=s) for _ in range(config.num_layers))
+    scale = s if config.kv_cache_quant != "none" else None  # the (B, S, K, 1) scales split as the values
+    return tuple(KVCache(k=s, v=s, k_scale=scale, v_scale=scale) for _ in range(config.num_layers))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lumina_jax import param_checkpoint
 from lumina_jax.config import ChameleonConfig
-from lumina_jax.models.chameleon import Chameleon, unstack_layers
+from lumina_jax.models import quantization
+from lumina_jax.models.chameleon import decoder, unstack_layers
 from lumina_jax.sharding import Rules
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,7 +45,10 @@ from lumina_jax.sharding import Rules
 def _init(config: ChameleonConfig, rng: jax.Array) -> Any:
     """The boxed "params" collection (leaves carry their logical axis names)."""
     with nn.logical_axis_rules(()):  # init traces a (1, 1) batch: no activation constraints
-        return Chameleon(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        params = decoder(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    if config.weight_quant != "none":  # qwix keeps scales in the parameter dtype; they dequantise into the compute dtype
+        params = quantization.cast_scales(params, jnp.dtype(config.dtype))
+    return params
 
 
 @functools.lru_cache(maxsize=32)
@@ -113,27 +116,68 @@ def restore_params(ckpt_dir: str | os.PathLike, config: ChameleonConfig, mesh: j
     """Restores `ckpt_dir/params` (canonical scanned layout) straight into sharded arrays of `config.param_dtype`.
 
     For an unscanned model (`scan_layers=False`) the scanned tree is restored sharded and then split into
-    layers_0, layers_1, ... on device. Raises CheckpointError naming every missing, unexpected or mis-shaped
+    layers_0, layers_1, ... on device. With `config.weight_quant="int8"` the checkpoint is either a quantised
+    one (`save_quantized`: restored as stored, no bf16 copy is made) or a bf16/fp32 one, quantised after the
+    restore (`quantize_sharded`). Raises CheckpointError naming every missing, unexpected or mis-shaped
     parameter.
     """
-    scanned = config.replace(scan_layers=True)
     path = Path(ckpt_dir).absolute() / param_checkpoint.PARAMS_SUBDIR
     if not path.exists():
         raise param_checkpoint.CheckpointError(f"{path}: no Orbax parameter tree (is {ckpt_dir} a lumina-jax checkpoint?)")
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path).item_metadata.tree
-    have = {k: v.shape for k, v in traverse_util.flatten_dict(stored, sep="/").items()}
-    want = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(scanned), sep="/").items()}
+    have = flat_shapes(stored)
+    stored_quantized = any(k.endswith("/qvalue") for k in have)
+    if stored_quantized and config.weight_quant == "none":
+        raise param_checkpoint.CheckpointError(
+            f"{ckpt_dir}: holds int8-quantised parameters; load it with weight_quant='int8' (quantize='int8')")
+    if config.weight_quant != "none" and not stored_quantized:
+        plain = restore_params(ckpt_dir, config.replace(weight_quant="none"), mesh, rules)
+        return quantize_sharded(plain, config, mesh, rules)
+    # a quantised checkpoint holds the unscanned inference tree (save_quantized); others the scanned one
+    layout = config.replace(scan_layers=not stored_quantized)
+    want = flat_shapes(param_shapes(layout))
     problems = param_checkpoint.shape_mismatches(have, want)
     if problems:
         raise param_checkpoint.CheckpointError(
             f"{ckpt_dir}: parameters do not match the model config: {'; '.join(problems)}")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.param_dtype), sharding=x.sharding),
-                          abstract_params(scanned, mesh, rules))
-    params = param_checkpoint.restore_params(ckpt_dir, target)
-    if config.scan_layers:
+    abstract = abstract_params(layout, mesh, rules)
+    if not stored_quantized:  # converted checkpoints may be stored in another float dtype than the one asked for
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.param_dtype), sharding=x.sharding), abstract)
+    params = param_checkpoint.restore_params(ckpt_dir, abstract)
+    if layout.scan_layers == config.scan_layers:
         return params
+    if config.scan_layers:
+        raise param_checkpoint.CheckpointError(f"{ckpt_dir}: a quantised checkpoint is for decoding (scan_layers=False)")
     return jax.jit(unstack_layers, out_shardings=param_shardings(config, mesh, rules))(params)
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"layers_0/mlp/up_proj/kernel": shape, ...} of a parameter tree or checkpoint metadata tree; a quantised
+    kernel gives ".../kernel/array/qvalue" and ".../kernel/array/scale"."""
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): tuple(x.shape) for path, x in leaves}
+
+
+def quantize_sharded(params: Any, config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+    """Sharded plain parameters of `config.replace(weight_quant="none")` -> the sharded int8 tree of `config`.
+
+    The plain arrays are donated, so they are freed as the quantised ones are made.
+    """
+    abstract = param_shapes(config)
+    fn = functools.partial(quantization.quantize_params, abstract=abstract, scale_dtype=jnp.dtype(config.dtype))
+    return jax.jit(fn, out_shardings=param_shardings(config, mesh, rules), donate_argnums=0)(params)
+
+
+def save_quantized(directory: str | os.PathLike, params: Any, config: ChameleonConfig) -> None:
+    """Writes an int8 parameter tree (unscanned, as `restore_params` returns it) to `directory/params`."""
+    if config.weight_quant == "none" or config.scan_layers:
+        raise ValueError("save_quantized: expects the parameters of an unscanned config with weight_quant set")
+    param_checkpoint.save_params(directory, params)
 
 
 # ---------------------------------------------------------------------------------------------------------

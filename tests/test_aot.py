@@ -149,6 +149,22 @@ def test_generate_loop_compiles_with_memory_report():
     assert "decode" in cli_format(r) and r.step_seconds() > 0
 
 
+def test_generate_with_int8_weights_and_kv_cache_stores_fewer_bytes_per_chip():
+    r = _run("--topology", "v5e:2x2", "--config", TINY, "--mode", "generate", "parallel.mesh=tensor=-1",
+             "generate.image_size=64", "generate.batch_size=2", "generate.cfg_scale=3.0",
+             "generate.weight_quant=int8", "generate.kv_cache_quant=int8")
+    assert r.fits and r.workload["quantisation"] == "weights int8, KV cache int8"
+    cfg = model_preset("tiny")
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(state.param_shapes(cfg)))
+    emb = cfg.vocab_size * cfg.hidden_size  # the embedding stays bf16; every other matrix is int8 (+ scales)
+    assert r.inputs["parameters"] < ((n - emb) * 1 + emb * 2) / 4 * 1.1
+    rows, slots = r.workload["rows (with guidance)"], r.workload["cache slots"]
+    kv_bf16 = 2 * cfg.num_layers * rows * slots * cfg.num_kv_heads * cfg.head_dim * 2 / 4
+    # int8 values plus one float32 scale per head vector of 16 values: (16 + 4) / 32 of bf16
+    assert r.decode["kv_cache_bytes"] == kv_bf16 * (cfg.head_dim + 4) / (2 * cfg.head_dim)
+    assert r.decode["step_bytes_accessed"] > 0 and "bytes/step" in cli_format(r)
+
+
 def test_program_that_cannot_fit_fails_naming_topology_need_and_capacity(capsys):
     rc = cli.main(["--topology", "v5e:2x2", "--config", TINY, "--mode", "train", "data.seq_len=8192",
                    "loss.chunk_size=8192", "--per-device-batch", "16", "model.attention_impl=dense"])

@@ -21,6 +21,7 @@ from lumina_jax.aot.analysis import JaxprStats, analyse_jaxpr
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.flops import matmul_params, train_flops_per_token
 from lumina_jax.models.attention import init_cache
+from lumina_jax.models.quantization import is_quantized, qarray
 from lumina_jax.param_checkpoint import abstract_like
 from lumina_jax.sampling import processors
 from lumina_jax.sampling.decode import ChameleonDecodeModel, decode_jit
@@ -44,6 +45,8 @@ class GenerateSpec:
     image_top_k: int = 2000  # image top-k (a static shape of the sampler)
     text_top_k: int = 10  # text top-k
     param_dtype: str = "bfloat16"  # weights as served (converted checkpoints are bf16)
+    weight_quant: str = "none"  # "int8": int8 projections and head (Lumina.load(quantize="int8"))
+    kv_cache_quant: str = "none"  # "int8" / "fp8": the KV cache stored quantised (Lumina.load(kv_cache=...))
     extra_tokens: int = 8  # tokens allowed beyond the image (end of turn, ...)
     jacobi_window: int = 0  # speculative Jacobi decoding: tokens per model step (0 = one token per step)
     jacobi_coupling: bool = True  # coupled drafts (only with jacobi_window)
@@ -64,6 +67,7 @@ class Program:
     param_shapes: Any  # ShapeDtypeStructs of the parameter tree
     decode: Optional[dict] = None  # generate mode: per-step figures for the decode-speed estimate
     inputs: Any = None  # the abstract sharded inputs by name (for naming the largest buffers)
+    step_lowered: Any = None  # generate mode: one decode step on its own (its cost analysis gives bytes per step)
 
 
 def device_bytes(tree: Any) -> int:
@@ -119,6 +123,29 @@ def token_ids_for(cfg: ChameleonConfig) -> processors.TokenIds:
     return processors.TokenIds.from_special_ids(special, cfg.vocab_size)
 
 
+def lower_decode_step(dm: ChameleonDecodeModel, params: Any, psh: Any, kv: Any, ids: processors.TokenIds,
+                      mesh: jax.sharding.Mesh, rules) -> Any:
+    """One step of the decode loop's body on its own: every row feeds one token through the decoder with its
+    cache (donated, updated in place) and projects onto the image ids, with the head sliced beforehand as the
+    loop does. Its compiled cost analysis gives the HBM bytes of one step, which the loop's (prefill + body
+    counted once) does not separate."""
+    rows = kv[0].k.shape[0]
+    bsh = sharding.batch_sharding(mesh, rules)
+    tok = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=bsh)
+    index = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec(bsh.spec[0])))
+    head_shape = jax.eval_shape(lambda p: dm.slice_head(p, ids.image_slice)[1], params)
+    head_sharding = psh["lm_head"]["kernel"]
+    if is_quantized(head_sharding):
+        head_sharding = qarray(head_sharding)
+    head = abstract_like(head_shape, head_sharding)
+
+    def step(params, head, cache, tokens, index):
+        hidden, cache = dm.forward(params, tokens, index[:, None], cache, index)
+        return dm.slice_logits((ids.image_slice, head), hidden[:, 0]), cache
+
+    return jax.jit(step, donate_argnums=2).lower(params, head, kv, tok, index)
+
+
 def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sharding.Mesh, rules_name: str) -> Program:
     """Lowers prefill + the guided decode loop for `spec.batch_size` prompts of `spec.prompt_len` tokens."""
     rules = sharding.rule_set(rules_name, "parallel.rules")
@@ -130,7 +157,8 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     if not 1.0 <= spec.tokens_per_step <= max(spec.jacobi_window, 1):
         raise ValueError(f"generate.tokens_per_step={spec.tokens_per_step} must be in [1, jacobi_window]")
     # unstacked layers (layers_0, ...): the layout the sampler recommends for decoding (no per-step weight copies)
-    cfg = model_cfg.replace(param_dtype=spec.param_dtype, dropout=0.0, remat_policy="none", scan_layers=False)
+    cfg = model_cfg.replace(param_dtype=spec.param_dtype, dropout=0.0, remat_policy="none", scan_layers=False,
+                            weight_quant=spec.weight_quant, kv_cache_quant=spec.kv_cache_quant)
     ids = token_ids_for(cfg)
     max_new = unirep_length(spec.image_size, spec.image_size) + spec.extra_tokens
     settings = processors.SamplingSettings(cfg_scale=spec.cfg_scale, text_top_k=spec.text_top_k,
@@ -155,6 +183,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     with sharding.sharding_context(mesh, rules):
         lowered = jax.jit(loop).lower(params, inputs, table)
         closed = jax.make_jaxpr(loop)(params, inputs, table)
+        step_lowered = lower_decode_step(dm, params, psh, kv, ids, mesh, rules)
     stats = analyse_jaxpr(closed)
     n_mm = matmul_params(cfg)
     per_row_step = width * (2.0 * n_mm + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * S)
@@ -170,8 +199,10 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
                   "rules": rules_name,
                   "decoding": (f"SJD window {width} ({'coupled' if spec.jacobi_coupling else 'plain'}), "
                                f"{spec.tokens_per_step:g} tokens per step assumed" if jacobi else "one token per step"),
-                  "dtypes": f"params {cfg.param_dtype}, compute {cfg.dtype}"},
+                  "dtypes": f"params {cfg.param_dtype}, compute {cfg.dtype}",
+                  "quantisation": f"weights {cfg.weight_quant}, KV cache {cfg.kv_cache_quant}"},
         param_shardings=psh, param_shapes=params, inputs={"params": params, "prompts": inputs},
+        step_lowered=step_lowered,
         decode={"steps": math.ceil(max_new / spec.tokens_per_step) if jacobi else max_new,
                 "estimated_steps": bool(jacobi), "kv_cache_bytes": cache_bytes, "param_bytes": param_bytes,
                 "prefill_flops": 2.0 * n_mm * prefill_tokens},

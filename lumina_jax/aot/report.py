@@ -89,6 +89,13 @@ class Report:
         memory = (self.decode["param_bytes"] + self.decode["kv_cache_bytes"]) / chip.hbm_bandwidth
         return max(compute, memory)
 
+    def cost_analysis_step_seconds(self) -> Optional[float]:
+        """Generate mode: the HBM bytes of one compiled decode step (XLA's cost analysis, which counts every
+        fused operation's operands and results, so more than the weights and cache read once) at the chip's
+        bandwidth; None when the step was not compiled."""
+        measured = (self.decode or {}).get("step_bytes_accessed")
+        return measured / self.topology.chip.hbm_bandwidth if measured else None
+
     def verdict(self) -> str:
         """One line: fits with how much headroom, or does not fit with need and capacity."""
         t = self.topology.describe()
@@ -105,6 +112,7 @@ class Report:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d.update(topology=self.topology.name, slices=self.topology.num_slices, chips=self.topology.num_chips,
                  total_bytes=self.total_bytes, headroom_bytes=self.headroom_bytes, step_seconds=self.step_seconds(),
+                 cost_analysis_step_seconds=self.cost_analysis_step_seconds() if self.decode else None,
                  verdict=self.verdict())
         return d
 
@@ -192,6 +200,10 @@ def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh
     if not rep.fits:
         rep.largest = _largest_buffers(rep, program)
     rep.compiled = compiled
+    if program.step_lowered is not None:  # bytes of one decode step, from its own compiled program
+        step_cost = program.step_lowered.compile().cost_analysis()
+        step_cost = step_cost[0] if isinstance(step_cost, (list, tuple)) else step_cost
+        rep.decode = dict(rep.decode, step_bytes_accessed=float(step_cost.get("bytes accessed", 0.0)))
     return rep
 
 
@@ -251,6 +263,10 @@ def format_report(rep: Report) -> str:
                      f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip, model FLOPs)")
     else:
         d = rep.decode
+        if rep.cost_analysis_step_seconds() is not None:
+            lines.append(f"bytes/step  {format_bytes(d['step_bytes_accessed'])} per device  [cost analysis of one "
+                         f"compiled decode step: {format_seconds(rep.cost_analysis_step_seconds())} at "
+                         f"{chip.hbm_bandwidth / 1e9:.0f} GB/s]")
         lines.append(f"decode      {format_seconds(rep.step_seconds())} per step (max of compute at {rep.mfu:.0%} MFU and "
                      f"reading weights + KV cache at {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
                      f"{d['steps']} steps -> {format_seconds(rep.step_seconds() * d['steps'])} per image batch"

@@ -27,6 +27,7 @@ COMMANDS = {
     "vqgan": ("lumina_jax.convert.vqgan", "Meta's vqgan.ckpt + vqgan.yaml -> Orbax"),
     "vqgan-export": ("lumina_jax.convert.vqgan", "Orbax VQGAN checkpoint -> PyTorch state_dict file"),
     "assemble": ("lumina_jax.convert.assemble", "one inference directory: decoder + VQGAN + tokenizer + configs"),
+    "quantize": ("lumina_jax.convert.quantize", "an inference directory with int8 decoder weights"),
 }
 
 

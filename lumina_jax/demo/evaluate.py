@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None,
                    help="also write the table rows to this JSON file (a new file in an existing directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help="evaluate with int8 weights (Lumina.load(quantize=...); default: as stored)")
+    p.add_argument("--kv-cache", default=None, choices=["none", "int8", "fp8"],
+                   help="evaluate with a quantised KV cache (Lumina.load(kv_cache=...); default none)")
     return p
 
 
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
     except (ValueError, InferenceError, param_checkpoint.CheckpointError) as e:
         parser.error(str(e))
     try:
-        lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT)
+        lm = Lumina.load(args.checkpoint or DEFAULT_CHECKPOINT, quantize=args.quantize, kv_cache=args.kv_cache)
     except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

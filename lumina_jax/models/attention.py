@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models import attention_ops
+from lumina_jax.models import quantization
 
 Array = jax.Array
 
@@ -41,7 +42,11 @@ def logical_param(module: nn.Module, name: str, init, shape, dtype, axes):
 
 
 class Linear(nn.Module):
-    """A bias-free projection: one `kernel` parameter with logical axes, applied by an einsum in `dtype`."""
+    """A bias-free projection: one `kernel` parameter with logical axes, applied by an einsum in `dtype`.
+
+    Under qwix's int8 provider (`quantization.quantize_module`) the kernel arrives quantised with scales already
+    in `dtype`, and qwix's einsum dequantises it; it is cast only when its dtype differs.
+    """
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
@@ -52,7 +57,9 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = logical_param(self, "kernel", default_kernel_init(), self.shape, self.param_dtype, self.axes)
-        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if kernel.dtype != jnp.dtype(self.dtype):
+            kernel = kernel.astype(self.dtype)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel)
 
 
 @flax.struct.dataclass
@@ -60,35 +67,50 @@ class KVCache:
     """Static, preallocated key/value cache of one layer: `k`, `v` (B, S, K, H).
 
     The model's cache is a tuple of these, one per layer (see `init_cache`). Storage goes through `write`
-    and `read` only, so a quantised layout (int8/fp8 values plus per-slot scales as extra fields) can be
-    added there without touching the attention code.
+    and `read` only. A quantised cache (`ChameleonConfig.kv_cache_quant`) stores int8 or float8 values in
+    `k`, `v` and one float32 scale per row, slot and head in `k_scale`, `v_scale` (B, S, K, 1); an
+    unquantised one has no scales (None).
     """
 
     k: Array
     v: Array
+    k_scale: Optional[Array] = None
+    v_scale: Optional[Array] = None
 
     @property
     def max_length(self) -> int:
         return self.k.shape[-3]
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
     def write(self, k_new: Array, v_new: Array, cache_index: Array) -> "KVCache":
         """Writes (B, T, K, H) new keys/values of row b at slots cache_index[b] + arange(T).
 
         The caller keeps cache_index[b] + T <= max_length: `dynamic_update_slice` clamps the start index
-        instead of failing, which would write to the wrong slots.
+        instead of failing, which would write to the wrong slots. A quantised cache quantises each new head
+        vector on its own (`quantization.quantize_heads`), so earlier slots are never re-scaled.
         """
         def put(buf, new, idx):
             return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (idx, 0, 0))
 
-        k = jax.vmap(put)(self.k, k_new, cache_index)
-        v = jax.vmap(put)(self.v, v_new, cache_index)
-        k = nn.with_logical_constraint(k, CACHE_AXES)
-        v = nn.with_logical_constraint(v, CACHE_AXES)
-        return KVCache(k=k, v=v)
+        def store(buf, new):
+            return nn.with_logical_constraint(jax.vmap(put)(buf, new, cache_index), CACHE_AXES)
+
+        if not self.quantized:
+            return KVCache(k=store(self.k, k_new), v=store(self.v, v_new))
+        qk, sk = quantization.quantize_heads(k_new, self.k.dtype)
+        qv, sv = quantization.quantize_heads(v_new, self.v.dtype)
+        return KVCache(k=store(self.k, qk), v=store(self.v, qv), k_scale=store(self.k_scale, sk),
+                       v_scale=store(self.v_scale, sv))
 
     def read(self, dtype) -> tuple[Array, Array]:
-        """All slots of one layer as (B, S, K, H) keys and values in `dtype`."""
-        return self.k.astype(dtype), self.v.astype(dtype)
+        """All slots of one layer as (B, S, K, H) keys and values in `dtype` (dequantised when quantised)."""
+        if not self.quantized:
+            return self.k.astype(dtype), self.v.astype(dtype)
+        return (quantization.dequantize_heads(self.k, self.k_scale, dtype),
+                quantization.dequantize_heads(self.v, self.v_scale, dtype))
 
 
 def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
@@ -96,15 +118,26 @@ def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) ->
 
     One `KVCache` per layer rather than one stacked (L, B, S, K, H) array: inside a decode loop each layer's
     buffer is then updated in place, where a stacked cache is rebuilt every step (benchmarks/generate.py).
-    Under `sharding.sharding_context` the buffers take the shardings of `CACHE_AXES`.
+    With `config.kv_cache_quant` set the values are stored int8 / float8 with float32 scales (`dtype` is then
+    ignored). Under `sharding.sharding_context` the buffers take the shardings of `CACHE_AXES`.
     """
-    dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    quantized = config.kv_cache_quant != "none"
+    if quantized:
+        dtype = quantization.kv_storage_dtype(config.kv_cache_quant)
+    dtype = jnp.dtype(dtype or config.dtype)
 
-    def zeros():
+    def zeros(shape, dtype):
         return nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
 
-    return tuple(KVCache(k=zeros(), v=zeros()) for _ in range(config.num_layers))
+    def layer():
+        if not quantized:
+            return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype))
+        scale = shape[:-1] + (1,)
+        return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype), k_scale=zeros(scale, jnp.float32),
+                       v_scale=zeros(scale, jnp.float32))
+
+    return tuple(layer() for _ in range(config.num_layers))
 
 
 def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:

@@ -26,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lumina_jax.config import ChameleonConfig
+from lumina_jax.models import quantization
 from lumina_jax.models.attention import Attention, KVCache, Linear, init_cache, logical_param
 
 __all__ = [
-    "Chameleon", "DecoderBlock", "KVCache", "REMAT_POLICIES", "compute_logits", "init_cache", "lm_head_kernel",
-    "project_logits", "stack_layers", "unstack_layers",
+    "Chameleon", "DecoderBlock", "KVCache", "REMAT_POLICIES", "compute_logits", "decoder", "init_cache",
+    "lm_head_kernel", "project_logits", "stack_layers", "unstack_layers",
 ]
 
 Array = jax.Array
@@ -141,6 +142,9 @@ def lm_head_kernel(params: Any, config: ChameleonConfig, vocab_slice=None) -> Ar
     """
     start, stop = _vocab_range(config, vocab_slice)
     kernel = nn.unbox(params["lm_head"]["kernel"])
+    if quantization.is_quantized(kernel):  # stays int8 (with its column scales); `project_logits` dequantises
+        kernel = quantization.qarray(kernel)
+        return kernel if (start, stop) == (0, config.vocab_size) else kernel[:, start:stop]
     if (start, stop) != (0, config.vocab_size):
         kernel = kernel[:, start:stop]
     return kernel.astype(config.dtype)
@@ -156,7 +160,7 @@ def _vocab_range(config: ChameleonConfig, vocab_slice) -> tuple[int, int]:
 def project_logits(kernel: Array, hidden: Array, config: ChameleonConfig, vocab_slice=None) -> Array:
     """hidden (B, T, D) @ kernel (D, stop - start), the `lm_head` columns of `vocab_slice`, to masked logits.
 
-    Float32 accumulation, cast to `logits_dtype`; with `mask_image_logits` the part of the image-id range
+    A quantised kernel (`weight_quant="int8"`) is dequantised into the compute dtype first. Float32 accumulation, cast to `logits_dtype`; with `mask_image_logits` the part of the image-id range
     inside the slice is set to the dtype's minimum.
     """
     start, stop = _vocab_range(config, vocab_slice)
@@ -164,7 +168,8 @@ def project_logits(kernel: Array, hidden: Array, config: ChameleonConfig, vocab_
         raise ValueError(f"lm_head kernel has {kernel.shape[-1]} columns; vocab_slice {vocab_slice!r} "
                          f"needs {stop - start}")
     dtype = jnp.dtype(config.dtype)
-    logits = jnp.einsum("btd,dv->btv", hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    w = quantization.dequantize(kernel, dtype)
+    logits = jnp.einsum("btd,dv->btv", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
     logits = logits.astype(config.logits_dtype)
     if config.mask_image_logits:
         lo, hi = max(config.image_token_start, start), min(config.image_token_end, stop)
@@ -278,6 +283,13 @@ class Chameleon(nn.Module):
         else:
             out = LMHead(cfg, name="lm_head")(hidden)
         return out if cache is None else (out, new_cache)
+
+
+def decoder(config: ChameleonConfig) -> nn.Module:
+    """The module to init / apply for `config`: `Chameleon`, under qwix's int8 provider when
+    `config.weight_quant == "int8"` (its parameter tree then holds quantised kernels, see `quantization`)."""
+    model = Chameleon(config)
+    return quantization.quantize_module(model) if config.weight_quant == "int8" else model
 
 
 def _check_cache(cfg: ChameleonConfig, cache: Sequence[KVCache], batch: int) -> None:

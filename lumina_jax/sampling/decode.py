@@ -23,7 +23,7 @@ import numpy as np
 
 from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.attention import init_cache
-from lumina_jax.models.chameleon import Chameleon, compute_logits, lm_head_kernel, project_logits
+from lumina_jax.models.chameleon import compute_logits, decoder, lm_head_kernel, project_logits
 from lumina_jax.sampling import processors
 
 
@@ -63,7 +63,7 @@ class ChameleonDecodeModel:
         return init_cache(self.config, batch, length)
 
     def forward(self, params, tokens, positions, cache, cache_index):
-        model = Chameleon(self.config.replace(remat_policy="none"))  # remat only matters under a gradient
+        model = decoder(self.config.replace(remat_policy="none"))  # remat only matters under a gradient
         return model.apply({"params": params}, tokens, positions=positions, cache=cache, cache_index=cache_index,
                            return_hidden=True)
 

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         lm = Lumina.load(Path(args.checkpoint or DEFAULT_CHECKPOINT), mesh=args.mesh, rules=args.rules,
-                         dtype=args.dtype)
+                         dtype=args.dtype, quantize=args.quantize, kv_cache=args.kv_cache)
     except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -137,6 +137,10 @@ def check(cfg: TrainConfig) -> None:
     if d.global_batch_size % p.grad_accum_steps:
         raise ValueError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                          f"parallel.grad_accum_steps={p.grad_accum_steps}")
+    for name in ("weight_quant", "kv_cache_quant"):  # inference-only layouts (no gradients through int8)
+        if getattr(cfg.model, name) != "none":
+            raise ValueError(f"model.{name}={getattr(cfg.model, name)!r}: quantisation is for inference only; "
+                             f"training needs 'none' (the aot tool's generate mode takes generate.{name})")
 
 
 def _check_fields(section: Any, prefix: str) -> None:
