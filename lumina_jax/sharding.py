@@ -28,6 +28,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 
+from lumina_jax.config import ChameleonConfig
 from lumina_jax.models.attention import CACHE_AXES, KVCache
 
 MESH_AXES = ("data", "fsdp", "tensor")
