@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import numbers
 import os
 import re
 import shutil
@@ -174,7 +173,11 @@ def add_jacobi_flags(p) -> None:
 def jacobi_settings(window: int, coupling: bool = True):
     """`JacobiSettings` for a window of `window` tokens per model step, or None for 0 (autoregressive)."""
 
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0 or window == 1:
+    try:
+        window = check_int("jacobi_window", window, 0)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
+    if window == 1:  # a window of one token is one token per step: say 0
         raise InferenceError(f"jacobi_window must be 0 (off) or an integer >= 2, got {window!r}")
     return JacobiSettings(int(window), bool(coupling)) if window else None
 
