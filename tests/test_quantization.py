@@ -17,7 +17,7 @@ import pytest
 from lumina_jax import sharding as S
 from lumina_jax import state
 from lumina_jax.config import model_preset
-from lumina_jax.models import quantization
+from lumina_jax.models import attention_ops, quantization
 from lumina_jax.models.attention import init_cache
 from lumina_jax.models.chameleon import Chameleon, decoder
 from lumina_jax.sampling import processors
@@ -148,7 +148,7 @@ def test_int8_weights_logit_error_on_a_random_model_is_small_but_not_zero(tiny):
 def test_kv_cache_write_read_matches_the_numpy_per_slot_per_head_reference(mode):
     cfg = model_preset("tiny", scan_layers=False, kv_cache_quant=mode)
     cache = init_cache(cfg, 2, 10)[0]
-    assert cache.k.dtype == quantization.kv_storage_dtype(mode) and cache.k_scale.shape == (2, 10, 4, 1)
+    assert cache.k.dtype == quantization.kv_storage_dtype(mode) and cache.k_scale.shape == (2, 4, 10)
     rng = np.random.default_rng(0)
     k = rng.normal(size=(2, 3, 4, 16)).astype(np.float32) * rng.uniform(0.1, 10, (2, 3, 4, 1)).astype(np.float32)
     v = rng.normal(size=(2, 3, 4, 16)).astype(np.float32)
@@ -235,3 +235,37 @@ def test_unsupported_kv_storage_is_refused_in_one_line(monkeypatch):
 def test_unquantised_chameleon_is_untouched_by_the_quantisation_path():
     cfg = model_preset("tiny", scan_layers=False)
     assert type(decoder(cfg)) is Chameleon
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("impl,T", [("dense", 1), ("auto", 1), ("auto", 20), ("blockwise", 3)])
+def test_attention_over_a_quantised_cache_equals_attention_over_its_numpy_dequantisation(mode, impl, T):
+    # dense folds the (B, K, S) scales into the scores and probabilities; blockwise (long prompts under auto)
+    # dequantises first: both must equal plain dense attention over the numpy-dequantised keys and values
+    cfg = model_preset("tiny", scan_layers=False, kv_cache_quant=mode)
+    B, S, K, G, H = 2, 40, cfg.num_kv_heads, 2, cfg.head_dim
+    rng = np.random.default_rng(1)
+    k = rng.normal(size=(B, S, K, H)).astype(np.float32) * rng.uniform(0.1, 5, (B, S, K, 1)).astype(np.float32)
+    v = rng.normal(size=(B, S, K, H)).astype(np.float32)
+    q = jnp.asarray(rng.normal(size=(B, T, K * G, H)).astype(np.float32))
+    cache = init_cache(cfg, B, S)[0].write(jnp.asarray(k), jnp.asarray(v), jnp.zeros((B,), jnp.int32))
+    kq, vq, ks, vs = cache.read_scaled(jnp.float32)
+    assert ks.shape == (B, K, S) and kq.dtype == jnp.float32
+    q_slots = jnp.asarray([[30 + t for t in range(T)], [5 + t for t in range(T)]], jnp.int32)
+    k_slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    got = attention_ops.attention(q, kq, vq, impl=impl, q_slots=q_slots, k_slots=k_slots, k_scale=ks, v_scale=vs,
+                                  block=16)
+    ref_k = np.stack([numpy_kv(k[b], mode) for b in range(B)]).astype(np.float32)
+    ref_v = np.stack([numpy_kv(v[b], mode) for b in range(B)]).astype(np.float32)
+    ref = attention_ops.dense_attention(q, jnp.asarray(ref_k), jnp.asarray(ref_v), q_slots, k_slots)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_scales_must_come_in_pairs_and_only_with_a_cache():
+    q = jnp.zeros((1, 1, 4, 8))
+    k = jnp.zeros((1, 4, 2, 8))
+    slots = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="both k_scale and v_scale"):
+        attention_ops.attention(q, k, k, q_slots=slots[0], k_slots=slots[1], k_scale=jnp.ones((1, 2, 4)))
+    with pytest.raises(ValueError, match="KV-cache case"):
+        attention_ops.attention(q, k, k, k_scale=jnp.ones((1, 2, 4)), v_scale=jnp.ones((1, 2, 4)))

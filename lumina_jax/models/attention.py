@@ -29,6 +29,9 @@ Array = jax.Array
 
 # Logical axis names of one layer's KV cache buffer (B, S, K, H).
 CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "kv")
+# and of a quantised cache's scales (B, K, S): slots last, the layout the scores (B, K, G, T, S) broadcast over
+# (a trailing size-1 axis would be padded to a whole TPU tile, as large as the values).
+CACHE_SCALE_AXES = ("cache_batch", "cache_kv_heads", "cache_length")
 
 
 def default_kernel_init(stddev: float = 0.02):
@@ -68,7 +71,7 @@ class KVCache:
 
     The model's cache is a tuple of these, one per layer (see `init_cache`). Storage goes through `write`
     and `read` only. A quantised cache (`ChameleonConfig.kv_cache_quant`) stores int8 or float8 values in
-    `k`, `v` and one float32 scale per row, slot and head in `k_scale`, `v_scale` (B, S, K, 1); an
+    `k`, `v` and one float32 scale per row, head and slot in `k_scale`, `v_scale` (B, K, S); an
     unquantised one has no scales (None).
     """
 
@@ -98,19 +101,37 @@ class KVCache:
         def store(buf, new):
             return nn.with_logical_constraint(jax.vmap(put)(buf, new, cache_index), CACHE_AXES)
 
+        def put_scale(buf, new, idx):  # (K, S) <- (K, T) at slot idx
+            return jax.lax.dynamic_update_slice(buf, new, (0, idx))
+
+        def store_scale(buf, new):  # new (B, T, K, 1) from quantize_heads
+            new = jnp.swapaxes(new[..., 0], 1, 2)
+            return nn.with_logical_constraint(jax.vmap(put_scale)(buf, new, cache_index), CACHE_SCALE_AXES)
+
         if not self.quantized:
             return KVCache(k=store(self.k, k_new), v=store(self.v, v_new))
         qk, sk = quantization.quantize_heads(k_new, self.k.dtype)
         qv, sv = quantization.quantize_heads(v_new, self.v.dtype)
-        return KVCache(k=store(self.k, qk), v=store(self.v, qv), k_scale=store(self.k_scale, sk),
-                       v_scale=store(self.v_scale, sv))
+        return KVCache(k=store(self.k, qk), v=store(self.v, qv), k_scale=store_scale(self.k_scale, sk),
+                       v_scale=store_scale(self.v_scale, sv))
 
     def read(self, dtype) -> tuple[Array, Array]:
         """All slots of one layer as (B, S, K, H) keys and values in `dtype` (dequantised when quantised)."""
         if not self.quantized:
             return self.k.astype(dtype), self.v.astype(dtype)
-        return (quantization.dequantize_heads(self.k, self.k_scale, dtype),
-                quantization.dequantize_heads(self.v, self.v_scale, dtype))
+        return (quantization.dequantize_heads(self.k, _slot_major(self.k_scale), dtype),
+                quantization.dequantize_heads(self.v, _slot_major(self.v_scale), dtype))
+
+    def read_scaled(self, dtype) -> tuple[Array, Array, Optional[Array], Optional[Array]]:
+        """(k, v, k_scale, v_scale): the stored values cast to `dtype` (exact for int8 and e4m3 in bf16/f32)
+        and the (B, K, S) scales (None unquantised), for attention to apply to its scores and probabilities
+        instead of dequantising the whole cache (`attention_ops.attention`)."""
+        return self.k.astype(dtype), self.v.astype(dtype), self.k_scale, self.v_scale
+
+
+def _slot_major(scale: Array) -> Array:
+    """(B, K, S) scales -> (B, S, K, 1), the layout of `quantization.quantize_heads`."""
+    return jnp.swapaxes(scale, 1, 2)[..., None]
 
 
 def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
@@ -118,8 +139,9 @@ def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) ->
 
     One `KVCache` per layer rather than one stacked (L, B, S, K, H) array: inside a decode loop each layer's
     buffer is then updated in place, where a stacked cache is rebuilt every step (benchmarks/generate.py).
-    With `config.kv_cache_quant` set the values are stored int8 / float8 with float32 scales (`dtype` is then
-    ignored). Under `sharding.sharding_context` the buffers take the shardings of `CACHE_AXES`.
+    With `config.kv_cache_quant` set the values are stored int8 / float8 with float32 (B, K, S) scales (`dtype`
+    is then ignored). Under `sharding.sharding_context` the buffers take the shardings of `CACHE_AXES` (scales:
+    `CACHE_SCALE_AXES`).
     """
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
     quantized = config.kv_cache_quant != "none"
@@ -133,9 +155,9 @@ def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) ->
     def layer():
         if not quantized:
             return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype))
-        scale = shape[:-1] + (1,)
-        return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype), k_scale=zeros(scale, jnp.float32),
-                       v_scale=zeros(scale, jnp.float32))
+        scale = nn.with_logical_constraint(jnp.zeros((batch, config.num_kv_heads, max_len), jnp.float32),
+                                           CACHE_SCALE_AXES)
+        return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype), k_scale=scale, v_scale=scale)
 
     return tuple(layer() for _ in range(config.num_layers))
 
@@ -220,17 +242,19 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
 
         T = x.shape[1]
+        k_scale = v_scale = None
         if cache is None:
             new_cache = None
             q_slots = k_slots = None  # self-attention over slots 0..T-1
         else:
             new_cache = cache.write(k, v, cache_index)
-            k, v = new_cache.read(dtype)
+            k, v, k_scale, v_scale = new_cache.read_scaled(dtype)
             q_slots = cache_index[:, None] + jnp.arange(T, dtype=jnp.int32)
             k_slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (k.shape[0], k.shape[1]))
 
         out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, q_slots=q_slots, k_slots=k_slots,
-                                      segment_ids=segment_ids, block=cfg.attention_block)
+                                      segment_ids=segment_ids, block=cfg.attention_block, k_scale=k_scale,
+                                      v_scale=v_scale)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         out = Linear((N, H, D), ("heads", "kv", "embed"), "btnh,nhd->btd", dtype, pdtype, name="o_proj")(out)
         out = checkpoint_name(out, "out_proj")

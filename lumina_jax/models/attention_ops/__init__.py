@@ -58,13 +58,21 @@ def resolve_impl(impl: str, platform: Optional[str] = None, dtype=None) -> str:
 def attention(
     q: Array, k: Array, v: Array, *, impl: str = "dense", q_slots: Optional[Array] = None,
     k_slots: Optional[Array] = None, segment_ids: Optional[Array] = None, block: int = 512,
+    k_scale: Optional[Array] = None, v_scale: Optional[Array] = None,
 ) -> Array:
     """Attention of q (B, T, N, H) over k, v (B, S, K, H) with implementation `impl` (see the module doc).
 
     `q_slots` (B, T) and `k_slots` (B, S): cache slots of the queries and keys, or both None for
     self-attention over slots 0..T-1 (then S == T). `segment_ids` (B, T): packed segment ids of a
     self-attention call, or None. `block`: query/key block of `blockwise` and `splash`.
+    `k_scale`, `v_scale` (B, K, S): a quantised cache's per-slot, per-head scales (keys are k x k_scale, values
+    v x v_scale). `dense` folds them into the scores and probabilities, so the stored values go into the
+    matrix products as they are (a decode step reads the int8 cache once); `blockwise` dequantises first.
     """
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("attention: give both k_scale and v_scale (a quantised cache) or neither")
+    if k_scale is not None and q_slots is None:
+        raise ValueError("attention: k_scale/v_scale belong to the KV-cache case (give q_slots and k_slots)")
     B, T = q.shape[:2]
     S = k.shape[1]
     if (q_slots is None) != (k_slots is None):
@@ -85,5 +93,13 @@ def attention(
     elif impl in KERNELS or requested == "auto":
         impl = "dense" if T <= CACHE_DENSE_MAX_NEW else ("dense" if impl == "dense" else "blockwise")
     if impl == "dense":
-        return dense_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids)
+        return dense_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids, k_scale=k_scale,
+                               v_scale=v_scale)
+    if k_scale is not None:
+        k, v = _dequantize(k, k_scale), _dequantize(v, v_scale)
     return blockwise_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids, block_q=block, block_k=block)
+
+
+def _dequantize(x: Array, scale: Array) -> Array:
+    """(B, S, K, H) stored values x (B, K, S) scales, in float32, back in x's dtype."""
+    return (x.astype(jnp.float32) * jnp.swapaxes(scale, 1, 2)[..., None]).astype(x.dtype)
