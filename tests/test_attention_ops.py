@@ -183,6 +183,22 @@ def test_auto_picks_by_backend_and_bad_names_fail_in_one_line():
     if ops.resolve_impl("auto") == "blockwise":  # auto: dense while the scores fit in one block, blockwise beyond
         assert "scan" not in traced("auto", 24) and "scan" in traced("auto", 8)
     assert "scan" in traced("blockwise", 24) and "scan" not in traced("dense", 8)
+    # the cache case under auto or a kernel: dense for a decode step or a short prompt against a long cache (a
+    # blockwise pass would copy the cache into blocks), blockwise once T x S exceeds CACHE_DENSE_MAX_SCORES
+    S = 2428
+    k = jnp.zeros((1, S, 2, 8))
+
+    def cached(impl, T):
+        q = jnp.zeros((1, T, 2, 8))
+        slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, T)), jnp.arange(S, dtype=jnp.int32)[None]
+        return str(jax.make_jaxpr(lambda q: ops.attention(q, k, k, impl=impl, q_slots=slots[0], k_slots=slots[1],
+                                                         block=128))(q))
+
+    assert ops.CACHE_DENSE_MAX_SCORES // S >= 64  # a 64-token prompt against a 768x768 image's cache
+    for impl in ("auto", "splash"):
+        assert "scan" not in cached(impl, 1) and "scan" not in cached(impl, 64)
+        assert "scan" in cached(impl, ops.CACHE_DENSE_MAX_SCORES // S + 1)
+    assert "scan" in cached("blockwise", 1)  # asked for by name, blockwise stays blockwise
     q, k, v, _ = inputs(1, 4, 6, 2, 2)
     with pytest.raises(ValueError, match="self-attention"):
         ops.attention(q, k, v, impl="dense")

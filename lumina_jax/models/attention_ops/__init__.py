@@ -14,7 +14,8 @@ a prompt without a cache); with slots it is the KV-cache case (queries at cache_
   matrix fits in one block, `dense` (one tile either way, so nothing to save, and no recomputation).
 
 The kernels have static causal masks, so in the cache case they (and `auto`) hand over to `dense` for a
-few new tokens (a decode step: the (T, S) scores are small, one fused op) and to `blockwise` for longer ones.
+few new tokens or small (T, S) scores (a decode step, a short prompt: one fused op) and to `blockwise` for
+longer ones.
 """
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ Array = jax.Array
 KERNELS = ("splash", "cudnn")
 # What `auto` means on each backend (CPU: see docs/model.md, "Attention implementations", for the measurement).
 AUTO_BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn", "cpu": "blockwise"}
-CACHE_DENSE_MAX_NEW = 16  # cache case under a kernel or auto: dense up to this many new tokens, blockwise beyond
+# Cache case under a kernel or auto: dense for up to this many new tokens, or while the (T, S) scores per row
+# and head stay this small (a short prompt written into a long cache: blockwise would copy the whole cache
+# into blocks, which costs more memory than these scores), blockwise beyond.
+CACHE_DENSE_MAX_NEW = 16
+CACHE_DENSE_MAX_SCORES = 1 << 18
 
 
 def resolve_impl(impl: str, platform: Optional[str] = None, dtype=None) -> str:
@@ -91,7 +96,8 @@ def attention(
             return cudnn_attention(q, k, v, segment_ids)
         q_slots = k_slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     elif impl in KERNELS or requested == "auto":
-        impl = "dense" if T <= CACHE_DENSE_MAX_NEW else ("dense" if impl == "dense" else "blockwise")
+        small = T <= CACHE_DENSE_MAX_NEW or T * S <= CACHE_DENSE_MAX_SCORES
+        impl = "dense" if small or impl == "dense" else "blockwise"
     if impl == "dense":
         return dense_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids, k_scale=k_scale,
                                v_scale=v_scale)
