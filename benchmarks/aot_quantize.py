@@ -2,12 +2,12 @@
 v5e and v5p) with bf16 weights and cache, int8 weights, and int8 weights + an int8 KV cache, each compiled for
 TPU with `python -m lumina_jax.aot --mode generate` on the smallest slice that fits (tensor-parallel mesh).
 
-Per row: weights and KV cache per chip, the HBM bytes of one decode step from the compiled step's cost
-analysis, the roofline step time (those bytes at the chip's HBM bandwidth, or compute at 40% MFU if longer),
-the total per chip, and the smallest slice (with why the next smaller one was rejected). The roofline is
-given twice: for the weights and cache read once (the floor) and for the cost analysis's bytes (which count
-every fused operation's operands and results). Each row's bytes per
-step are also given as a ratio to the bf16 row of the same model, batch and slice when that was compiled.
+Per row: weights and KV cache per chip, the total per chip, the smallest slice (with why the next smaller
+one was rejected), and two byte counts of one compiled decode step: its HBM reads and writes
+(`lumina_jax.aot.hbm_traffic`, which leaves out the on-chip side of memory-space assignment's copies) and
+XLA's cost analysis (which counts those copies and every fused operation's operands and results, several times
+the HBM traffic). The roofline step is the HBM bytes at the chip's bandwidth. Both counts are also given as a
+ratio to the bf16 row of the same model, batch and slice when that was compiled.
 
     python benchmarks/aot_quantize.py --list                      # the rows and their keys
     python benchmarks/aot_quantize.py --only 7b-8-v5e-bf16,7b-8-v5e-int8+kv8
@@ -135,26 +135,31 @@ def analytic_rows(chips_wanted=("v5e", "v5p")):
 
 def table(results) -> str:
     head = ("| model, prompts (rows) | chip | weights / KV cache | slice (chips) | per chip: weights, KV cache, total | "
-            "bytes per decode step (vs bf16) | roofline step | smaller slice |")
+            "HBM bytes per decode step (vs bf16) | XLA cost-analysis bytes per step (vs bf16) | roofline step | "
+            "smaller slice |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     bf16 = {}
     for (key, model, batch, chip, option), (rep, rejected) in results:
         if rep is None:
             lines.append(f"| {model.upper()}, {batch} ({2 * batch}) | {chip} | {option} | none of "
-                         f"{', '.join(SLICES[chip])} | | | | {'; '.join(rejected)} |")
+                         f"{', '.join(SLICES[chip])} | | | | | {'; '.join(rejected)} |")
             continue
         d = rep["decode"]
         step = d.get("step_bytes_accessed") or 0.0
+        hbm = d.get("step_hbm_bytes") or 0.0
         topo = rep["topology"]
         if option == "bf16":
-            bf16[(model, batch, topo)] = step
+            bf16[(model, batch, topo)] = (hbm, step)
         base = bf16.get((model, batch, topo))
-        ratio = f" ({step / base:.2f}x)" if base and option != "bf16" else ""
+
+        def ratio(value, i):
+            return f" ({value / base[i]:.2f}x)" if base and base[i] and option != "bf16" else ""
+
         lines.append(
             f"| {model.upper()}, {batch} ({2 * batch}) | {chip} | {option} | {topo} ({rep['chips']}) | "
             f"{d['param_bytes'] / GiB:.1f} GiB, {d['kv_cache_bytes'] / GiB:.1f} GiB, {rep['total_bytes'] / GiB:.1f} GiB | "
-            f"{step / GiB:.2f} GiB{ratio} | {(d['param_bytes'] + d['kv_cache_bytes']) / TOPOLOGY_BANDWIDTH[chip] * 1e3:.1f} ms (weights + KV read once), "
-            f"{step / TOPOLOGY_BANDWIDTH[chip] * 1e3:.1f} ms (cost-analysis bytes) | {'; '.join(rejected) or '-'} |")
+            f"{hbm / GiB:.2f} GiB{ratio(hbm, 0)} | {step / GiB:.2f} GiB{ratio(step, 1)} | "
+            f"{hbm / TOPOLOGY_BANDWIDTH[chip] * 1e3:.1f} ms | {'; '.join(rejected) or '-'} |")
     return "\n".join(lines)
 
 

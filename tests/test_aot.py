@@ -163,6 +163,9 @@ def test_generate_with_int8_weights_and_kv_cache_stores_fewer_bytes_per_chip():
     # int8 values plus one float32 scale per head vector of 16 values: (16 + 4) / 32 of bf16
     assert r.decode["kv_cache_bytes"] == kv_bf16 * (cfg.head_dim + 4) / (2 * cfg.head_dim)
     assert r.decode["step_bytes_accessed"] > 0 and "bytes/step" in cli_format(r)
+    # the step's HBM traffic leaves out the on-chip side of its copies, so it is below XLA's count
+    assert 0 < r.decode["step_hbm_bytes"] < r.decode["step_bytes_accessed"] and "HBM/step" in cli_format(r)
+    assert r.decode["step_hbm_unknown_loops"] == 0
 
 
 def test_program_that_cannot_fit_fails_naming_topology_need_and_capacity(capsys):

@@ -19,6 +19,7 @@ import numpy as np
 
 from lumina_jax import sharding
 from lumina_jax.aot.analysis import format_bytes
+from lumina_jax.aot.hbm_traffic import compiled_hbm_bytes
 from lumina_jax.aot.programs import Program
 from lumina_jax.aot.topology import Topology
 
@@ -94,6 +95,12 @@ class Report:
         fused operation's operands and results, so more than the weights and cache read once) at the chip's
         bandwidth; None when the step was not compiled."""
         measured = (self.decode or {}).get("step_bytes_accessed")
+        return measured / self.topology.chip.hbm_bandwidth if measured else None
+
+    def hbm_step_seconds(self) -> Optional[float]:
+        """Generate mode: the compiled decode step's HBM traffic (`hbm_traffic`: on-chip copies not counted) at
+        the chip's bandwidth; None when the step was not compiled."""
+        measured = (self.decode or {}).get("step_hbm_bytes")
         return measured / self.topology.chip.hbm_bandwidth if measured else None
 
     def verdict(self) -> str:
@@ -201,9 +208,12 @@ def compile_and_report(program: Program, topo: Topology, mesh: jax.sharding.Mesh
         rep.largest = _largest_buffers(rep, program)
     rep.compiled = compiled
     if program.step_lowered is not None:  # bytes of one decode step, from its own compiled program
-        step_cost = program.step_lowered.compile().cost_analysis()
+        step = program.step_lowered.compile()
+        step_cost = step.cost_analysis()
         step_cost = step_cost[0] if isinstance(step_cost, (list, tuple)) else step_cost
-        rep.decode = dict(rep.decode, step_bytes_accessed=float(step_cost.get("bytes accessed", 0.0)))
+        hbm, unknown_loops = compiled_hbm_bytes(step)
+        rep.decode = dict(rep.decode, step_bytes_accessed=float(step_cost.get("bytes accessed", 0.0)),
+                          step_hbm_bytes=hbm, step_hbm_unknown_loops=unknown_loops)
     return rep
 
 
@@ -266,6 +276,10 @@ def format_report(rep: Report) -> str:
         if rep.cost_analysis_step_seconds() is not None:
             lines.append(f"bytes/step  {format_bytes(d['step_bytes_accessed'])} per device  [cost analysis of one "
                          f"compiled decode step: {format_seconds(rep.cost_analysis_step_seconds())} at "
+                         f"{chip.hbm_bandwidth / 1e9:.0f} GB/s]")
+        if d.get("step_hbm_bytes"):
+            lines.append(f"HBM/step    {format_bytes(d['step_hbm_bytes'])} per device  [the same step's HBM reads and "
+                         f"writes (lumina_jax.aot.hbm_traffic): {format_seconds(rep.hbm_step_seconds())} at "
                          f"{chip.hbm_bandwidth / 1e9:.0f} GB/s]")
         lines.append(f"decode      {format_seconds(rep.step_seconds())} per step (max of compute at {rep.mfu:.0%} MFU and "
                      f"reading weights + KV cache at {chip.hbm_bandwidth / 1e9:.0f} GB/s); "
