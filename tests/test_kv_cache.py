@@ -172,3 +172,35 @@ def test_bf16_cache_and_errors():
     # The scanned (training) layout refuses a cache and says how to get the decoding layout.
     with pytest.raises(ValueError, match="unscanned layers.*unstack_layers"):
         apply(tokens, model=C.Chameleon(TINY), p=random_params(TINY, 0), cache=C.init_cache(TINY, 2, 8))
+
+
+@pytest.mark.parametrize("kv_quant", ["none", "int8"])
+def test_dense_cache_step_ignores_stale_slots_and_equals_attention_over_the_written_cache(kv_quant):
+    # A dense cache step attends the cache as it was (slots before cache_index) plus the new tokens as stored;
+    # blockwise attends the written cache. Stale entries at and beyond cache_index (a rejected SJD draft)
+    # must be invisible to both, and both must write the same cache.
+    from lumina_jax.models.attention import Attention, init_cache
+
+    base = model_preset("tiny", scan_layers=False, kv_cache_quant=kv_quant)
+    B, S, T = 2, 24, 3
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(B, T, base.hidden_size)).astype(np.float32))
+    index = jnp.asarray([5, 11], jnp.int32)
+    positions = index[:, None] + jnp.arange(T, dtype=jnp.int32)
+    cache = init_cache(base, B, S)[0]
+    junk = rng.normal(size=(B, S, base.num_kv_heads, base.head_dim)).astype(np.float32) * 3
+    cache = cache.write(jnp.asarray(junk), jnp.asarray(-junk), jnp.zeros((B,), jnp.int32))  # every slot filled
+    params = Attention(base).init(jax.random.PRNGKey(0), x, positions, None, cache, index)
+    outs = {}
+    for impl in ("dense", "blockwise"):
+        cfg = base.replace(attention_impl=impl, attention_block=8)
+        outs[impl] = Attention(cfg).apply(params, x, positions, None, cache, index)
+    (out_d, cache_d), (out_b, cache_b) = outs["dense"], outs["blockwise"]
+    np.testing.assert_allclose(np.asarray(out_d), np.asarray(out_b), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache_d), jax.tree.leaves(cache_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the stale slots matter to neither: other junk there gives the same output
+    other = jnp.asarray(junk[:, : T + 2] * -2)  # slots index .. index + T + 1, all at or after cache_index
+    cache2 = cache.write(other, other, index)
+    out_d2, _ = Attention(base.replace(attention_impl="dense")).apply(params, x, positions, None, cache2, index)
+    np.testing.assert_allclose(np.asarray(out_d2), np.asarray(out_d), rtol=1e-6, atol=1e-6)

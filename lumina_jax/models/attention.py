@@ -122,6 +122,13 @@ class KVCache:
         return (quantization.dequantize_heads(self.k, _slot_major(self.k_scale), dtype),
                 quantization.dequantize_heads(self.v, _slot_major(self.v_scale), dtype))
 
+    def stored(self, k_new: Array, v_new: Array, dtype) -> tuple[Array, Array]:
+        """(B, T, K, H) new keys and values as `write` stores them and `read` returns them, in `dtype`."""
+        if not self.quantized:
+            return k_new.astype(self.k.dtype).astype(dtype), v_new.astype(self.v.dtype).astype(dtype)
+        return (quantization.dequantize_heads(*quantization.quantize_heads(k_new, self.k.dtype), dtype),
+                quantization.dequantize_heads(*quantization.quantize_heads(v_new, self.v.dtype), dtype))
+
     def read_scaled(self, dtype) -> tuple[Array, Array, Optional[Array], Optional[Array]]:
         """(k, v, k_scale, v_scale): the stored values cast to `dtype` (exact for int8 and e4m3 in bf16/f32)
         and the (B, K, S) scales (None unquantised), for attention to apply to its scores and probabilities
@@ -242,19 +249,28 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
 
         T = x.shape[1]
-        k_scale = v_scale = None
+        k_scale = v_scale = extra = None
         if cache is None:
             new_cache = None
             q_slots = k_slots = None  # self-attention over slots 0..T-1
         else:
-            new_cache = cache.write(k, v, cache_index)
-            k, v, k_scale, v_scale = new_cache.read_scaled(dtype)
             q_slots = cache_index[:, None] + jnp.arange(T, dtype=jnp.int32)
-            k_slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (k.shape[0], k.shape[1]))
+            slots = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (x.shape[0], cache.max_length))
+            new_cache = cache.write(k, v, cache_index)
+            if attention_ops.cache_impl(cfg.attention_impl, T, cache.max_length, dtype) == "dense":
+                # The new tokens beside the cache as it was (slots before cache_index), as the cache stores
+                # them: the same attention as over the written cache, but the cache update is only written,
+                # so the compiler need not stage the whole cache through on-chip memory and write it back.
+                extra = (*cache.stored(k, v, dtype), q_slots)
+                k, v, k_scale, v_scale = cache.read_scaled(dtype)
+                k_slots = jnp.where(slots < cache_index[:, None], slots, jnp.iinfo(jnp.int32).max)
+            else:
+                k, v, k_scale, v_scale = new_cache.read_scaled(dtype)
+                k_slots = slots
 
         out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, q_slots=q_slots, k_slots=k_slots,
                                       segment_ids=segment_ids, block=cfg.attention_block, k_scale=k_scale,
-                                      v_scale=v_scale)
+                                      v_scale=v_scale, extra=extra)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         out = Linear((N, H, D), ("heads", "kv", "embed"), "btnh,nhd->btd", dtype, pdtype, name="o_proj")(out)
         out = checkpoint_name(out, "out_proj")

@@ -31,7 +31,7 @@ from lumina_jax.models.attention_ops.dense import attention_mask, dense_attentio
 from lumina_jax.models.attention_ops.splash import splash_attention
 
 __all__ = ["IMPLEMENTATIONS", "AUTO_BY_PLATFORM", "attention", "attention_mask", "blockwise_attention",
-           "cudnn_attention", "dense_attention", "resolve_impl", "splash_attention"]
+           "cache_impl", "cudnn_attention", "dense_attention", "resolve_impl", "splash_attention"]
 
 Array = jax.Array
 KERNELS = ("splash", "cudnn")
@@ -60,10 +60,21 @@ def resolve_impl(impl: str, platform: Optional[str] = None, dtype=None) -> str:
     return chosen
 
 
+def cache_impl(impl: str, T: int, S: int, dtype=None) -> str:
+    """The implementation the KV-cache case (T new tokens against S slots) runs for `impl`: the kernels and
+    `auto` hand over to `dense` for a few new tokens or small scores, to `blockwise` beyond."""
+    resolved = resolve_impl(impl, dtype=dtype)
+    if resolved in KERNELS or impl == "auto":
+        small = T <= CACHE_DENSE_MAX_NEW or T * S <= CACHE_DENSE_MAX_SCORES
+        return "dense" if small else "blockwise"
+    return resolved
+
+
 def attention(
     q: Array, k: Array, v: Array, *, impl: str = "dense", q_slots: Optional[Array] = None,
     k_slots: Optional[Array] = None, segment_ids: Optional[Array] = None, block: int = 512,
     k_scale: Optional[Array] = None, v_scale: Optional[Array] = None,
+    extra: Optional[tuple[Array, Array, Array]] = None,
 ) -> Array:
     """Attention of q (B, T, N, H) over k, v (B, S, K, H) with implementation `impl` (see the module doc).
 
@@ -73,6 +84,8 @@ def attention(
     `k_scale`, `v_scale` (B, K, S): a quantised cache's per-slot, per-head scales (keys are k x k_scale, values
     v x v_scale). `dense` folds them into the scores and probabilities, so the stored values go into the
     matrix products as they are (a decode step reads the int8 cache once); `blockwise` dequantises first.
+    `extra` = (k2, v2, k2_slots): more keys and values in the same softmax, for the cache case when it runs
+    `dense` (`cache_impl`); see `dense_attention`.
     """
     if (k_scale is None) != (v_scale is None):
         raise ValueError("attention: give both k_scale and v_scale (a quantised cache) or neither")
@@ -95,12 +108,13 @@ def attention(
         if impl == "cudnn":
             return cudnn_attention(q, k, v, segment_ids)
         q_slots = k_slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    elif impl in KERNELS or requested == "auto":
-        small = T <= CACHE_DENSE_MAX_NEW or T * S <= CACHE_DENSE_MAX_SCORES
-        impl = "dense" if small or impl == "dense" else "blockwise"
+    else:
+        impl = cache_impl(requested, T, S, q.dtype)
     if impl == "dense":
         return dense_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids, k_scale=k_scale,
-                               v_scale=v_scale)
+                               v_scale=v_scale, extra=extra)
+    if extra is not None:
+        raise ValueError(f"attention: extra keys are for the dense cache case, not {impl!r}")
     if k_scale is not None:
         k, v = _dequantize(k, k_scale), _dequantize(v, v_scale)
     return blockwise_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids, block_q=block, block_k=block)

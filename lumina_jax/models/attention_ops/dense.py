@@ -27,24 +27,39 @@ def dense_attention(
     q: Array, k: Array, v: Array, q_slots: Array, k_slots: Array,
     q_segments: Optional[Array] = None, k_segments: Optional[Array] = None,
     k_scale: Optional[Array] = None, v_scale: Optional[Array] = None,
+    extra: Optional[tuple[Array, Array, Array]] = None,
 ) -> Array:
     """q (B, T, N, H), k and v (B, S, K, H) -> (B, T, N, H) in q's dtype; see `attention_ops.attention`.
 
     With (B, K, S) `k_scale` / `v_scale` (a quantised cache) the keys are k x k_scale and the values v x v_scale:
     q.(s k) = s (q.k) scales the float32 scores, and sum p (s v) = sum (p s) v the probabilities, so the stored
     values enter the products unscaled and no dequantised copy of the cache is made.
+
+    `extra` = (k2, v2, k2_slots): more keys and values (B, S2, K, H) with their slots (B, S2), attended in the
+    same softmax as if concatenated after k and v (a decode step's new tokens beside the cache as it was).
     """
     B, T, N, H = q.shape
     K = k.shape[2]
-    mask = attention_mask(q_slots, k_slots, q_segments, k_segments)
     qg = q.reshape(B, T, K, N // K, H)
-    # Scores and softmax in float32 whatever the compute dtype; kv head j serves query heads j*G..j*G+G-1.
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    if k_scale is not None:
-        scores = scores * k_scale[:, :, None, None, :]
-    scores = scores * (1.0 / jnp.sqrt(jnp.float32(H)))
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if v_scale is not None:
-        probs = probs * v_scale[:, :, None, None, :]
-    return jnp.einsum("bkgts,bskh->btkgh", probs.astype(q.dtype), v).reshape(B, T, N, H)
+
+    def scores_of(keys, slots, scale, q_segs, k_segs):
+        # Scores in float32 whatever the compute dtype; kv head j serves query heads j*G..j*G+G-1.
+        s = jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+        if scale is not None:
+            s = s * scale[:, :, None, None, :]
+        s = s * (1.0 / jnp.sqrt(jnp.float32(H)))
+        mask = attention_mask(q_slots, slots, q_segs, k_segs)
+        return jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
+
+    scores = scores_of(k, k_slots, k_scale, q_segments, k_segments)
+    if extra is not None:
+        scores = jnp.concatenate([scores, scores_of(extra[0], extra[2], None, None, None)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1)  # float32
+    S = k.shape[1]
+    main = probs[..., :S] * v_scale[:, :, None, None, :] if v_scale is not None else probs[..., :S]
+    if extra is None:
+        return jnp.einsum("bkgts,bskh->btkgh", main.astype(q.dtype), v).reshape(B, T, N, H)
+    out = jnp.einsum("bkgts,bskh->btkgh", main.astype(q.dtype), v, preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., S:].astype(q.dtype), extra[1],
+                           preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(B, T, N, H)
