@@ -13,6 +13,7 @@ Differences from the reference (Hugging Face / Lumina `ChameleonAttention`):
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -249,28 +250,29 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
 
         T = x.shape[1]
-        k_scale = v_scale = extra = None
-        if cache is None:
+        attend = functools.partial(attention_ops.attention, q, impl=cfg.attention_impl, block=cfg.attention_block)
+        if cache is None:  # self-attention over slots 0..T-1
             new_cache = None
-            q_slots = k_slots = None  # self-attention over slots 0..T-1
+            out = attend(k, v, segment_ids=segment_ids)
         else:
             q_slots = cache_index[:, None] + jnp.arange(T, dtype=jnp.int32)
             slots = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (x.shape[0], cache.max_length))
-            new_cache = cache.write(k, v, cache_index)
-            if attention_ops.cache_impl(cfg.attention_impl, T, cache.max_length, dtype) == "dense":
-                # The new tokens beside the cache as it was (slots before cache_index), as the cache stores
-                # them: the same attention as over the written cache, but the cache update is only written,
-                # so the compiler need not stage the whole cache through on-chip memory and write it back.
-                extra = (*cache.stored(k, v, dtype), q_slots)
-                k, v, k_scale, v_scale = cache.read_scaled(dtype)
-                k_slots = jnp.where(slots < cache_index[:, None], slots, jnp.iinfo(jnp.int32).max)
+            step = T <= attention_ops.CACHE_DENSE_MAX_NEW
+            if step and attention_ops.cache_impl(cfg.attention_impl, T, cache.max_length, dtype) == "dense":
+                # A decode step: the new tokens beside the cache as it was (slots before cache_index), as the
+                # cache stores them. The same attention as over the written cache, but the update is only
+                # written, so the compiler need not stage the whole cache through on-chip memory and write it
+                # all back every step. (For a prompt the written-cache path needs less memory.)
+                ck, cv, k_scale, v_scale = cache.read_scaled(dtype)
+                old = jnp.where(slots < cache_index[:, None], slots, jnp.iinfo(jnp.int32).max)
+                out = attend(ck, cv, q_slots=q_slots, k_slots=old, k_scale=k_scale, v_scale=v_scale,
+                             extra=(*cache.stored(k, v, dtype), q_slots))
+                new_cache = cache.write(k, v, cache_index)
             else:
-                k, v, k_scale, v_scale = new_cache.read_scaled(dtype)
-                k_slots = slots
+                new_cache = cache.write(k, v, cache_index)
+                ck, cv, k_scale, v_scale = new_cache.read_scaled(dtype)
+                out = attend(ck, cv, q_slots=q_slots, k_slots=slots, k_scale=k_scale, v_scale=v_scale)
 
-        out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, q_slots=q_slots, k_slots=k_slots,
-                                      segment_ids=segment_ids, block=cfg.attention_block, k_scale=k_scale,
-                                      v_scale=v_scale, extra=extra)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         out = Linear((N, H, D), ("heads", "kv", "embed"), "btnh,nhd->btd", dtype, pdtype, name="o_proj")(out)
         out = checkpoint_name(out, "out_proj")
