@@ -7,7 +7,8 @@ one was rejected), and two byte counts of one compiled decode step: its HBM read
 (`lumina_jax.aot.hbm_traffic`, which leaves out the on-chip side of memory-space assignment's copies) and
 XLA's cost analysis (which counts those copies and every fused operation's operands and results, several times
 the HBM traffic). The roofline step is the HBM bytes at the chip's bandwidth. Both counts are also given as a
-ratio to the bf16 row of the same model, batch and slice when that was compiled.
+ratio to the bf16 row of the same model, batch and chip: per chip when both run on the same slice, else the
+bytes of all chips of each slice (the work of one step wherever it runs).
 
     python benchmarks/aot_quantize.py --list                      # the rows and their keys
     python benchmarks/aot_quantize.py --only 7b-8-v5e-bf16,7b-8-v5e-int8+kv8
@@ -149,11 +150,16 @@ def table(results) -> str:
         hbm = d.get("step_hbm_bytes") or 0.0
         topo = rep["topology"]
         if option == "bf16":
-            bf16[(model, batch, topo)] = (hbm, step)
-        base = bf16.get((model, batch, topo))
+            bf16[(model, batch, chip)] = (hbm, step, rep["chips"], topo)
+        base = bf16.get((model, batch, chip))
 
         def ratio(value, i):
-            return f" ({value / base[i]:.2f}x)" if base and base[i] and option != "bf16" else ""
+            """Against bf16 per chip on the same slice; on another slice, the bytes of all chips together."""
+            if option == "bf16" or not base or not base[i]:
+                return ""
+            if base[3] == topo:
+                return f" ({value / base[i]:.2f}x)"
+            return f" ({value * rep['chips'] / (base[i] * base[2]):.2f}x over all chips; bf16 on {base[3]})"
 
         lines.append(
             f"| {model.upper()}, {batch} ({2 * batch}) | {chip} | {option} | {topo} ({rep['chips']}) | "
