@@ -120,8 +120,8 @@ class KVCache:
         """All slots of one layer as (B, S, K, H) keys and values in `dtype` (dequantised when quantised)."""
         if not self.quantized:
             return self.k.astype(dtype), self.v.astype(dtype)
-        return (quantization.dequantize_heads(self.k, _slot_major(self.k_scale), dtype),
-                quantization.dequantize_heads(self.v, _slot_major(self.v_scale), dtype))
+        return (quantization.dequantize_cache(self.k, self.k_scale, dtype),
+                quantization.dequantize_cache(self.v, self.v_scale, dtype))
 
     def stored(self, k_new: Array, v_new: Array, dtype) -> tuple[Array, Array]:
         """(B, T, K, H) new keys and values as `write` stores them and `read` returns them, in `dtype`."""
@@ -135,11 +135,6 @@ class KVCache:
         and the (B, K, S) scales (None unquantised), for attention to apply to its scores and probabilities
         instead of dequantising the whole cache (`attention_ops.attention`)."""
         return self.k.astype(dtype), self.v.astype(dtype), self.k_scale, self.v_scale
-
-
-def _slot_major(scale: Array) -> Array:
-    """(B, K, S) scales -> (B, S, K, 1), the layout of `quantization.quantize_heads`."""
-    return jnp.swapaxes(scale, 1, 2)[..., None]
 
 
 def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:

@@ -124,6 +124,11 @@ def dequantize_heads(values: Array, scale: Array, dtype) -> Array:
     return (values.astype(jnp.float32) * scale).astype(dtype)
 
 
+def dequantize_cache(values: Array, scale: Array, dtype) -> Array:
+    """A cache buffer's (B, S, K, H) stored values times its (B, K, S) scales, in float32, cast to `dtype`."""
+    return dequantize_heads(values, jnp.swapaxes(scale, 1, 2)[..., None], dtype)
+
+
 def check_kv_backend(mode: str, backend: str | None = None) -> None:
     """Raises ValueError (one line) when the backend cannot compile the cache's storage conversions."""
     if mode == "none":

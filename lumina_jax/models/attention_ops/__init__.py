@@ -29,6 +29,7 @@ from lumina_jax.models.attention_ops.blockwise import blockwise_attention
 from lumina_jax.models.attention_ops.cudnn import cudnn_attention
 from lumina_jax.models.attention_ops.dense import attention_mask, dense_attention
 from lumina_jax.models.attention_ops.splash import splash_attention
+from lumina_jax.models.quantization import dequantize_cache
 
 __all__ = ["IMPLEMENTATIONS", "AUTO_BY_PLATFORM", "attention", "attention_mask", "blockwise_attention",
            "cache_impl", "cudnn_attention", "dense_attention", "resolve_impl", "splash_attention"]
@@ -116,10 +117,5 @@ def attention(
     if extra is not None:
         raise ValueError(f"attention: extra keys are for the dense cache case, not {impl!r}")
     if k_scale is not None:
-        k, v = _dequantize(k, k_scale), _dequantize(v, v_scale)
+        k, v = dequantize_cache(k, k_scale, k.dtype), dequantize_cache(v, v_scale, v.dtype)
     return blockwise_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids, block_q=block, block_k=block)
-
-
-def _dequantize(x: Array, scale: Array) -> Array:
-    """(B, S, K, H) stored values x (B, K, S) scales, in float32, back in x's dtype."""
-    return (x.astype(jnp.float32) * jnp.swapaxes(scale, 1, 2)[..., None]).astype(x.dtype)
