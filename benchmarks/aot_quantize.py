@@ -1,6 +1,7 @@
 """The quantisation table of docs/quantization.md: guided generation at 768 px (7B and 34B, 8 and 32 prompts,
 v5e and v5p) with bf16 weights and cache, int8 weights, and int8 weights + an int8 KV cache, each compiled for
-TPU with `python -m lumina_jax.aot --mode generate` on the smallest slice that fits (tensor-parallel mesh).
+TPU with `python -m lumina_jax.aot --mode generate` on the smallest slice that fits (tensor-parallel mesh; with
+more chips than KV heads, one chip per head and the prompt rows split over the rest: `mesh_spec`).
 
 Per row: weights and KV cache per chip, the total per chip, the smallest slice (with why the next smaller
 one was rejected), and two byte counts of one compiled decode step: its HBM reads and writes
@@ -47,10 +48,22 @@ def rows():
     return out
 
 
+def mesh_spec(model: str, topology: str) -> str:
+    """Tensor parallelism over every chip of the slice, or, with more chips than the model has KV heads (the
+    cache splits by head), over one chip per KV head with the prompt rows split over the rest."""
+    from lumina_jax.aot.topology import parse_topology
+    from lumina_jax.training.config import load_config
+
+    chips = parse_topology(topology).num_chips
+    heads = load_config(os.path.join(ROOT, CONFIGS[model]), []).model.num_kv_heads
+    return "tensor=-1" if heads % chips == 0 else f"data={chips // heads},tensor={heads}"
+
+
 def compile_one(model: str, batch: int, topology: str, option: str, cache_dir: str, cached_only: bool):
     """The aot tool's JSON report for one compile (cached), or None when not cached and `cached_only`."""
     weights, kv = OPTIONS[option]
-    argv = ["--topology", topology, "--config", CONFIGS[model], "--mode", "generate", "parallel.mesh=tensor=-1",
+    argv = ["--topology", topology, "--config", CONFIGS[model], "--mode", "generate",
+            f"parallel.mesh={mesh_spec(model, topology)}",
             "parallel.rules=tensor", f"generate.batch_size={batch}", "generate.image_size=768",
             "generate.cfg_scale=4.0", f"generate.weight_quant={weights}", f"generate.kv_cache_quant={kv}"]
     key = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:16]
@@ -111,7 +124,7 @@ def analytic_rows(chips_wanted=("v5e", "v5p")):
         cfg = mcfg.replace(param_dtype="bfloat16", dtype="bfloat16", scan_layers=False, dropout=0.0,
                            weight_quant=weights, kv_cache_quant=kv)
         topo = parse_topology(topology)
-        mesh = build_mesh(topo, topology_devices(topo), "tensor=-1")
+        mesh = build_mesh(topo, topology_devices(topo), mesh_spec(model, topology))
         cache = jax.eval_shape(lambda: init_cache(cfg, 2 * batch, slots))
         return (device_bytes(abstract_params(cfg, mesh, rules)),
                 device_bytes(abstract_like(cache, sharding.cache_shardings(cfg, mesh, rules))), topo)

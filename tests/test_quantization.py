@@ -148,7 +148,7 @@ def test_int8_weights_logit_error_on_a_random_model_is_small_but_not_zero(tiny):
 def test_kv_cache_write_read_matches_the_numpy_per_slot_per_head_reference(mode):
     cfg = model_preset("tiny", scan_layers=False, kv_cache_quant=mode)
     cache = init_cache(cfg, 2, 10)[0]
-    assert cache.k.dtype == quantization.kv_storage_dtype(mode) and cache.k_scale.shape == (2, 4, 10)
+    assert cache.k.dtype == quantization.kv_storage_dtype(mode) and cache.k_scale.shape == (2, 4, cache.max_length)
     rng = np.random.default_rng(0)
     k = rng.normal(size=(2, 3, 4, 16)).astype(np.float32) * rng.uniform(0.1, 10, (2, 3, 4, 1)).astype(np.float32)
     v = rng.normal(size=(2, 3, 4, 16)).astype(np.float32)
@@ -160,7 +160,7 @@ def test_kv_cache_write_read_matches_the_numpy_per_slot_per_head_reference(mode)
     for b, i in enumerate([2, 5]):
         np.testing.assert_allclose(got_k[b, i:i + 3], numpy_kv(k[b], mode), rtol=tol, atol=tol)
         np.testing.assert_allclose(got_v[b, i:i + 3], numpy_kv(v[b], mode), rtol=tol, atol=tol)
-        others = np.ones(10, bool)
+        others = np.ones(cache.max_length, bool)
         others[i:i + 3] = False
         assert not got_k[b, others].any() and not got_v[b, others].any()
     # and the round trip is not the identity (the values really are stored quantised)
@@ -243,7 +243,7 @@ def test_attention_over_a_quantised_cache_equals_attention_over_its_numpy_dequan
     # dense folds the (B, K, S) scales into the scores and probabilities; blockwise (long prompts under auto)
     # dequantises first: both must equal plain dense attention over the numpy-dequantised keys and values
     cfg = model_preset("tiny", scan_layers=False, kv_cache_quant=mode)
-    B, S, K, G, H = 2, 40, cfg.num_kv_heads, 2, cfg.head_dim
+    B, S, K, G, H = 2, 128, cfg.num_kv_heads, 2, cfg.head_dim  # a whole number of cache tiles
     rng = np.random.default_rng(1)
     k = rng.normal(size=(B, S, K, H)).astype(np.float32) * rng.uniform(0.1, 5, (B, S, K, 1)).astype(np.float32)
     v = rng.normal(size=(B, S, K, H)).astype(np.float32)

@@ -28,11 +28,16 @@ from lumina_jax.models import quantization
 
 Array = jax.Array
 
-# Logical axis names of one layer's KV cache buffer (B, S, K, H).
-CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "kv")
-# and of a quantised cache's scales (B, K, S): slots last, the layout the scores (B, K, G, T, S) broadcast over
+# Logical axis names of one layer's KV cache buffer (B, K, S, H): heads before slots, so a decode step's
+# products over H leave scores (B, K, S) with the long slot axis minor (slot-major buffers left them (B, S, K):
+# a few heads per chip as the minor axis, padded to whole TPU tiles and copied every layer, docs/quantization.md).
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "kv")
+# and of a quantised cache's scales (B, K, S): the buffer's layout without H, which the scores broadcast over
 # (a trailing size-1 axis would be padded to a whole TPU tile, as large as the values).
 CACHE_SCALE_AXES = ("cache_batch", "cache_kv_heads", "cache_length")
+# Cache lengths are rounded up to whole TPU tiles (128 lanes; 32 int8 sublanes): with a ragged slot axis the TPU
+# compiler lays the buffers out slots-before-heads instead, and the decode step's scores come out heads-minor.
+CACHE_SLOT_MULTIPLE = 128
 
 
 def default_kernel_init(stddev: float = 0.02):
@@ -68,7 +73,7 @@ class Linear(nn.Module):
 
 @flax.struct.dataclass
 class KVCache:
-    """Static, preallocated key/value cache of one layer: `k`, `v` (B, S, K, H).
+    """Static, preallocated key/value cache of one layer: `k`, `v` (B, K, S, H), heads before slots.
 
     The model's cache is a tuple of these, one per layer (see `init_cache`). Storage goes through `write`
     and `read` only. A quantised cache (`ChameleonConfig.kv_cache_quant`) stores int8 or float8 values in
@@ -83,7 +88,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[-3]
+        return self.k.shape[-2]
 
     @property
     def quantized(self) -> bool:
@@ -96,8 +101,8 @@ class KVCache:
         instead of failing, which would write to the wrong slots. A quantised cache quantises each new head
         vector on its own (`quantization.quantize_heads`), so earlier slots are never re-scaled.
         """
-        def put(buf, new, idx):
-            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (idx, 0, 0))
+        def put(buf, new, idx):  # (K, S, H) <- (T, K, H) at slot idx
+            return jax.lax.dynamic_update_slice(buf, jnp.swapaxes(new, 0, 1).astype(buf.dtype), (0, idx, 0))
 
         def store(buf, new):
             return nn.with_logical_constraint(jax.vmap(put)(buf, new, cache_index), CACHE_AXES)
@@ -117,11 +122,14 @@ class KVCache:
                        v_scale=store_scale(self.v_scale, sv))
 
     def read(self, dtype) -> tuple[Array, Array]:
-        """All slots of one layer as (B, S, K, H) keys and values in `dtype` (dequantised when quantised)."""
+        """All slots of one layer as (B, S, K, H) keys and values in `dtype` (dequantised when quantised), the
+        layout `attention_ops.attention` takes (a transposed view of the buffers)."""
         if not self.quantized:
-            return self.k.astype(dtype), self.v.astype(dtype)
-        return (quantization.dequantize_cache(self.k, self.k_scale, dtype),
-                quantization.dequantize_cache(self.v, self.v_scale, dtype))
+            k, v = self.k.astype(dtype), self.v.astype(dtype)
+        else:
+            k = quantization.dequantize_cache(self.k, self.k_scale, dtype)
+            v = quantization.dequantize_cache(self.v, self.v_scale, dtype)
+        return _slot_major(k), _slot_major(v)
 
     def stored(self, k_new: Array, v_new: Array, dtype) -> tuple[Array, Array]:
         """(B, T, K, H) new keys and values as `write` stores them and `read` returns them, in `dtype`."""
@@ -132,9 +140,15 @@ class KVCache:
 
     def read_scaled(self, dtype) -> tuple[Array, Array, Optional[Array], Optional[Array]]:
         """(k, v, k_scale, v_scale): the stored values cast to `dtype` (exact for int8 and e4m3 in bf16/f32)
-        and the (B, K, S) scales (None unquantised), for attention to apply to its scores and probabilities
-        instead of dequantising the whole cache (`attention_ops.attention`)."""
-        return self.k.astype(dtype), self.v.astype(dtype), self.k_scale, self.v_scale
+        as (B, S, K, H) views, and the (B, K, S) scales (None unquantised), for attention to apply to its scores
+        and probabilities instead of dequantising the whole cache (`attention_ops.attention`)."""
+        return _slot_major(self.k.astype(dtype)), _slot_major(self.v.astype(dtype)), self.k_scale, self.v_scale
+
+
+def _slot_major(x: Array) -> Array:
+    """A (B, K, S, H) buffer as the (B, S, K, H) keys or values attention takes: a transpose the compiler folds
+    into the products that read it (they contract H or S either way)."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
@@ -146,7 +160,8 @@ def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) ->
     is then ignored). Under `sharding.sharding_context` the buffers take the shardings of `CACHE_AXES` (scales:
     `CACHE_SCALE_AXES`).
     """
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    max_len = -(-max_len // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     quantized = config.kv_cache_quant != "none"
     if quantized:
         dtype = quantization.kv_storage_dtype(config.kv_cache_quant)

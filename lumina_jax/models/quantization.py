@@ -125,8 +125,8 @@ def dequantize_heads(values: Array, scale: Array, dtype) -> Array:
 
 
 def dequantize_cache(values: Array, scale: Array, dtype) -> Array:
-    """A cache buffer's (B, S, K, H) stored values times its (B, K, S) scales, in float32, cast to `dtype`."""
-    return dequantize_heads(values, jnp.swapaxes(scale, 1, 2)[..., None], dtype)
+    """A cache buffer's (B, K, S, H) stored values times its (B, K, S) scales, in float32, cast to `dtype`."""
+    return dequantize_heads(values, scale[..., None], dtype)
 
 
 def check_kv_backend(mode: str, backend: str | None = None) -> None:

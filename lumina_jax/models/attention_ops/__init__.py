@@ -29,7 +29,7 @@ from lumina_jax.models.attention_ops.blockwise import blockwise_attention
 from lumina_jax.models.attention_ops.cudnn import cudnn_attention
 from lumina_jax.models.attention_ops.dense import attention_mask, dense_attention
 from lumina_jax.models.attention_ops.splash import splash_attention
-from lumina_jax.models.quantization import dequantize_cache
+from lumina_jax.models.quantization import dequantize_heads
 
 __all__ = ["IMPLEMENTATIONS", "AUTO_BY_PLATFORM", "attention", "attention_mask", "blockwise_attention",
            "cache_impl", "cudnn_attention", "dense_attention", "resolve_impl", "splash_attention"]
@@ -116,6 +116,7 @@ def attention(
                                v_scale=v_scale, extra=extra)
     if extra is not None:
         raise ValueError(f"attention: extra keys are for the dense cache case, not {impl!r}")
-    if k_scale is not None:
-        k, v = dequantize_cache(k, k_scale, k.dtype), dequantize_cache(v, v_scale, v.dtype)
+    if k_scale is not None:  # (B, S, K, H) values, (B, K, S) scales
+        k = dequantize_heads(k, jnp.swapaxes(k_scale, 1, 2)[..., None], k.dtype)
+        v = dequantize_heads(v, jnp.swapaxes(v_scale, 1, 2)[..., None], v.dtype)
     return blockwise_attention(q, k, v, q_slots, k_slots, segment_ids, segment_ids, block_q=block, block_k=block)
