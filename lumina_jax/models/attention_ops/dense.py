@@ -52,14 +52,21 @@ def dense_attention(
         return jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
 
     scores = scores_of(k, k_slots, k_scale, q_segments, k_segments)
-    if extra is not None:
-        scores = jnp.concatenate([scores, scores_of(extra[0], extra[2], None, None, None)], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1)  # float32
-    S = k.shape[1]
-    main = probs[..., :S] * v_scale[:, :, None, None, :] if v_scale is not None else probs[..., :S]
     if extra is None:
-        return jnp.einsum("bkgts,bskh->btkgh", main.astype(q.dtype), v).reshape(B, T, N, H)
+        probs = jax.nn.softmax(scores, axis=-1)  # float32
+        if v_scale is not None:
+            probs = probs * v_scale[:, :, None, None, :]
+        return jnp.einsum("bkgts,bskh->btkgh", probs.astype(q.dtype), v).reshape(B, T, N, H)
+    # One softmax over both key sets, without concatenating them: a (S + S2) slot axis would not fill whole
+    # TPU tiles, and the compiler re-lays the float32 scores out to join them (docs/quantization.md).
+    extra_scores = scores_of(extra[0], extra[2], None, None, None)
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), jnp.max(extra_scores, axis=-1, keepdims=True))
+    e_main, e_extra = jnp.exp(scores - top), jnp.exp(extra_scores - top)
+    total = jnp.sum(e_main, axis=-1, keepdims=True) + jnp.sum(e_extra, axis=-1, keepdims=True)
+    main, probs_extra = e_main / total, e_extra / total
+    if v_scale is not None:
+        main = main * v_scale[:, :, None, None, :]
     out = jnp.einsum("bkgts,bskh->btkgh", main.astype(q.dtype), v, preferred_element_type=jnp.float32)
-    out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., S:].astype(q.dtype), extra[1],
+    out = out + jnp.einsum("bkgts,bskh->btkgh", probs_extra.astype(q.dtype), extra[1],
                            preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(B, T, N, H)
