@@ -29,7 +29,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 
 from lumina_jax.config import ChameleonConfig
-from lumina_jax.models.attention import CACHE_AXES, CACHE_SCALE_AXES, KVCache
+from lumina_jax.models.attention import CACHE_SCALE_AXES, KVCache, cache_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
@@ -202,7 +202,7 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
 def cache_shardings(config: ChameleonConfig, mesh: jax.sharding.Mesh, rules: Rules) -> tuple[KVCache, ...]:
     """The shardings of `init_cache(config, ...)` (one KVCache of NamedShardings per layer), e.g. for jit
     out_shardings or device_put."""
-    s = logical_sharding(mesh, rules, CACHE_AXES)
+    s = logical_sharding(mesh, rules, cache_axes(config))
     # the (B, K, S) scales split over rows and heads as the values
     scale = logical_sharding(mesh, rules, CACHE_SCALE_AXES) if config.kv_cache_quant != "none" else None
     return tuple(KVCache(k=s, v=s, k_scale=scale, v_scale=scale) for _ in range(config.num_layers))

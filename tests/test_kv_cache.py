@@ -70,8 +70,8 @@ def test_prefill_then_steps_match_full_forward(cfg):
     dcfg, dparams = decoding(cfg), C.unstack_layers(params)
     cache = C.init_cache(dcfg, B, S)
     assert len(cache) == cfg.num_layers
-    # heads before slots, the slots rounded up to whole TPU tiles
-    assert all(layer.k.shape == (B, cfg.num_kv_heads, 128, cfg.head_dim) for layer in cache)
+    # slots before heads (unquantised), the slots rounded up to whole TPU tiles
+    assert all(layer.k.shape == (B, 128, cfg.num_kv_heads, cfg.head_dim) for layer in cache)
     assert cache[0].max_length == 128 and C.init_cache(dcfg, B, 129)[0].max_length == 256
     assert cache[0].k.dtype == jnp.float32  # compute dtype of the tiny config
     step = cached_forward(dcfg)
@@ -83,8 +83,8 @@ def test_prefill_then_steps_match_full_forward(cfg):
         logits, cache = step(dparams, tokens[:, t : t + 1], cache, idx, None)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], atol=ATOL, rtol=ATOL, err_msg=f"step {t}")
     # Slots past the last written one are still zero: the cache was written exactly where asked.
-    k = stacked_keys(cache)  # (L, B, K, S, H)
-    assert np.all(k[:, :, :, T:] == 0) and np.any(k[:, :, :, T - 1] != 0)
+    k = stacked_keys(cache)  # (L, B, S, K, H)
+    assert np.all(k[:, :, T:] == 0) and np.any(k[:, :, T - 1] != 0)
 
 
 def test_ragged_prompts_and_row_restart():

@@ -152,7 +152,7 @@ def test_cache_sharding_and_decode_on_mesh(reference):
         last, cache = step(params, tokens[:, 11:], cache, jnp.full(8, 11, jnp.int32))
     assert len(cache) == cfg.num_layers
     for layer in cache:
-        assert layer.k.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
+        assert layer.k.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
     np.testing.assert_allclose(np.asarray(logits), ref[:, :11], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(last[:, 0]), ref[:, 11], atol=1e-5, rtol=1e-5)
 

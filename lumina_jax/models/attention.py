@@ -28,15 +28,18 @@ from lumina_jax.models import quantization
 
 Array = jax.Array
 
-# Logical axis names of one layer's KV cache buffer (B, K, S, H): heads before slots, so a decode step's
-# products over H leave scores (B, K, S) with the long slot axis minor (slot-major buffers left them (B, S, K):
-# a few heads per chip as the minor axis, padded to whole TPU tiles and copied every layer, docs/quantization.md).
-CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "kv")
-# and of a quantised cache's scales (B, K, S): the buffer's layout without H, which the scores broadcast over
+# Logical axis names of one layer's KV cache buffer. Unquantised, (B, S, K, H), slots before heads: a decode
+# step's write is one whole (K, H) block per row. Quantised, (B, K, S, H), heads before slots: the step's products
+# over H leave the scores (B, K, S) with the long slot axis minor, the layout of the scales they are multiplied
+# by (slots before heads left them heads-minor, padded to whole TPU tiles and copied every layer). Each is the
+# layout measured best for its kind of cache on v5e and v5p (docs/quantization.md, "Layout of the decode step").
+CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "kv")
+QUANTIZED_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "kv")
+# and of a quantised cache's scales (B, K, S): the values' layout without H
 # (a trailing size-1 axis would be padded to a whole TPU tile, as large as the values).
 CACHE_SCALE_AXES = ("cache_batch", "cache_kv_heads", "cache_length")
 # Cache lengths are rounded up to whole TPU tiles (128 lanes; 32 int8 sublanes): with a ragged slot axis the TPU
-# compiler lays the buffers out slots-before-heads instead, and the decode step's scores come out heads-minor.
+# compiler reorders a buffer's axes to avoid padding, which undoes the layouts above.
 CACHE_SLOT_MULTIPLE = 128
 
 
@@ -73,12 +76,12 @@ class Linear(nn.Module):
 
 @flax.struct.dataclass
 class KVCache:
-    """Static, preallocated key/value cache of one layer: `k`, `v` (B, K, S, H), heads before slots.
+    """Static, preallocated key/value cache of one layer: `k`, `v` (B, S, K, H) in the compute dtype.
 
     The model's cache is a tuple of these, one per layer (see `init_cache`). Storage goes through `write`
     and `read` only. A quantised cache (`ChameleonConfig.kv_cache_quant`) stores int8 or float8 values in
-    `k`, `v` and one float32 scale per row, head and slot in `k_scale`, `v_scale` (B, K, S); an
-    unquantised one has no scales (None).
+    `k`, `v` (B, K, S, H), heads first (`QUANTIZED_CACHE_AXES`), and one float32 scale per row, head and slot
+    in `k_scale`, `v_scale` (B, K, S); an unquantised one has no scales (None).
     """
 
     k: Array
@@ -88,7 +91,11 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[-2]
+        return self.k.shape[2 if self.quantized else 1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1 if self.quantized else 2]
 
     @property
     def quantized(self) -> bool:
@@ -101,11 +108,16 @@ class KVCache:
         instead of failing, which would write to the wrong slots. A quantised cache quantises each new head
         vector on its own (`quantization.quantize_heads`), so earlier slots are never re-scaled.
         """
-        def put(buf, new, idx):  # (K, S, H) <- (T, K, H) at slot idx
+        def put(buf, new, idx):  # (S, K, H) <- (T, K, H) at slot idx
+            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (idx, 0, 0))
+
+        def put_heads_first(buf, new, idx):  # (K, S, H) <- (T, K, H) at slot idx
             return jax.lax.dynamic_update_slice(buf, jnp.swapaxes(new, 0, 1).astype(buf.dtype), (0, idx, 0))
 
         def store(buf, new):
-            return nn.with_logical_constraint(jax.vmap(put)(buf, new, cache_index), CACHE_AXES)
+            if not self.quantized:
+                return nn.with_logical_constraint(jax.vmap(put)(buf, new, cache_index), CACHE_AXES)
+            return nn.with_logical_constraint(jax.vmap(put_heads_first)(buf, new, cache_index), QUANTIZED_CACHE_AXES)
 
         def put_scale(buf, new, idx):  # (K, S) <- (K, T) at slot idx
             return jax.lax.dynamic_update_slice(buf, new, (0, idx))
@@ -125,11 +137,9 @@ class KVCache:
         """All slots of one layer as (B, S, K, H) keys and values in `dtype` (dequantised when quantised), the
         layout `attention_ops.attention` takes (a transposed view of the buffers)."""
         if not self.quantized:
-            k, v = self.k.astype(dtype), self.v.astype(dtype)
-        else:
-            k = quantization.dequantize_cache(self.k, self.k_scale, dtype)
-            v = quantization.dequantize_cache(self.v, self.v_scale, dtype)
-        return _slot_major(k), _slot_major(v)
+            return self.k.astype(dtype), self.v.astype(dtype)
+        return (_slot_major(quantization.dequantize_cache(self.k, self.k_scale, dtype)),
+                _slot_major(quantization.dequantize_cache(self.v, self.v_scale, dtype)))
 
     def stored(self, k_new: Array, v_new: Array, dtype) -> tuple[Array, Array]:
         """(B, T, K, H) new keys and values as `write` stores them and `read` returns them, in `dtype`."""
@@ -140,15 +150,22 @@ class KVCache:
 
     def read_scaled(self, dtype) -> tuple[Array, Array, Optional[Array], Optional[Array]]:
         """(k, v, k_scale, v_scale): the stored values cast to `dtype` (exact for int8 and e4m3 in bf16/f32)
-        as (B, S, K, H) views, and the (B, K, S) scales (None unquantised), for attention to apply to its scores
-        and probabilities instead of dequantising the whole cache (`attention_ops.attention`)."""
+        as (B, S, K, H) keys and values, and the (B, K, S) scales (None unquantised), for attention to apply to
+        its scores and probabilities instead of dequantising the whole cache (`attention_ops.attention`)."""
+        if not self.quantized:
+            return self.k.astype(dtype), self.v.astype(dtype), None, None
         return _slot_major(self.k.astype(dtype)), _slot_major(self.v.astype(dtype)), self.k_scale, self.v_scale
 
 
 def _slot_major(x: Array) -> Array:
-    """A (B, K, S, H) buffer as the (B, S, K, H) keys or values attention takes: a transpose the compiler folds
-    into the products that read it (they contract H or S either way)."""
+    """A heads-first (B, K, S, H) buffer as the (B, S, K, H) keys or values attention takes: a transpose the
+    compiler folds into the products that read it (they contract H or S either way)."""
     return jnp.swapaxes(x, 1, 2)
+
+
+def cache_axes(config: ChameleonConfig) -> tuple[str, ...]:
+    """The logical axes of `config`'s cache buffers: `QUANTIZED_CACHE_AXES` or `CACHE_AXES`."""
+    return QUANTIZED_CACHE_AXES if config.kv_cache_quant != "none" else CACHE_AXES
 
 
 def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
@@ -156,24 +173,26 @@ def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) ->
 
     One `KVCache` per layer rather than one stacked (L, B, S, K, H) array: inside a decode loop each layer's
     buffer is then updated in place, where a stacked cache is rebuilt every step (benchmarks/generate.py).
-    With `config.kv_cache_quant` set the values are stored int8 / float8 with float32 (B, K, S) scales (`dtype`
-    is then ignored). Under `sharding.sharding_context` the buffers take the shardings of `CACHE_AXES` (scales:
+    `max_len` is rounded up to a multiple of `CACHE_SLOT_MULTIPLE` slots. With `config.kv_cache_quant` set the
+    values are stored int8 / float8, heads first (B, K, S, H), with float32 (B, K, S) scales (`dtype` is then
+    ignored). Under `sharding.sharding_context` the buffers take the shardings of `cache_axes(config)` (scales:
     `CACHE_SCALE_AXES`).
     """
     max_len = -(-max_len // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     quantized = config.kv_cache_quant != "none"
+    K, H = config.num_kv_heads, config.head_dim
+    shape = (batch, K, max_len, H) if quantized else (batch, max_len, K, H)
     if quantized:
         dtype = quantization.kv_storage_dtype(config.kv_cache_quant)
     dtype = jnp.dtype(dtype or config.dtype)
 
     def zeros(shape, dtype):
-        return nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
+        return nn.with_logical_constraint(jnp.zeros(shape, dtype), cache_axes(config))
 
     def layer():
         if not quantized:
             return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype))
-        scale = nn.with_logical_constraint(jnp.zeros((batch, config.num_kv_heads, max_len), jnp.float32),
+        scale = nn.with_logical_constraint(jnp.zeros((batch, K, max_len), jnp.float32),
                                            CACHE_SCALE_AXES)
         return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype), k_scale=scale, v_scale=scale)
 

@@ -302,8 +302,9 @@ def _check_cache(cfg: ChameleonConfig, cache: Sequence[KVCache], batch: int) -> 
     if not isinstance(cache, (tuple, list)) or len(cache) != cfg.num_layers:
         got = f"{len(cache)} entries" if isinstance(cache, (tuple, list)) else type(cache).__name__
         raise ValueError(f"cache must be a tuple of {cfg.num_layers} per-layer KVCaches (init_cache), got {got}")
-    k = cache[0].k  # (B, K, S, H)
-    if k.ndim != 4 or k.shape[0] != batch or (k.shape[1], k.shape[3]) != (cfg.num_kv_heads, cfg.head_dim):
+    c = cache[0]
+    k = c.k
+    if k.ndim != 4 or k.shape[0] != batch or (c.num_kv_heads, k.shape[3]) != (cfg.num_kv_heads, cfg.head_dim):
         raise ValueError(f"cache buffers of shape {k.shape} do not match batch={batch}, "
                          f"num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}")
 
