@@ -5,7 +5,7 @@ weights, computing the final hidden states only (the output projection is the sa
 
 - ours: `Chameleon.__call__` with unscanned layers and the per-layer cache of `init_cache` (what the
   sampler runs): each layer's buffer is updated in place;
-- stacked cache, unscanned weights: one (L, B, K, S, H) cache, each layer reading its slice and the new
+- stacked cache, unscanned weights: one (L, B, S, K, H) cache, each layer reading its slice and the new
   slices stacked back every step;
 - per-layer cache, scanned weights: the canonical checkpoint layout, each layer's weights sliced from the
   stacked tree every step;
@@ -61,7 +61,7 @@ def main(argv=None):
     scanned = init_params(cfg, args.seed)
     unscanned = C.unstack_layers(scanned)
     prompt = jnp.ones((R, P), jnp.int32)
-    # the per-layer buffers' layout (heads before slots, slots rounded up), stacked
+    # the per-layer buffers' layout (slots rounded up to whole tiles), stacked
     shape = (cfg.num_layers, *jax.eval_shape(lambda: C.init_cache(ucfg, R, S))[0].k.shape)
     block = C.DecoderBlock(ucfg)
     norm = C.RMSNorm(cfg.rms_norm_eps, jnp.float32, jnp.float32)
