@@ -182,7 +182,7 @@ def test_quantised_decode_step_reads_weights_and_kv_cache_about_once_on_v5p():
         prog = lower_generate(cfg, GenerateSpec(batch_size=4, image_size=768, weight_quant=quant, kv_cache_quant=quant),
                               mesh, "tensor")
         hbm, unknown = hbm_bytes(prog.step_lowered.compile().as_text())
-        assert unknown == 0 and prog.workload["cache slots"] % 128 == 0
+        assert unknown == 0 and (quant == "none" or prog.workload["cache slots"] % 128 == 0)
         traffic[quant] = hbm, prog.decode["param_bytes"] + prog.decode["kv_cache_bytes"]
     assert traffic["int8"][0] <= 1.1 * traffic["int8"][1]
     assert traffic["int8"][0] <= 0.55 * traffic["none"][0]  # the target for int8 weights + int8 cache

@@ -150,6 +150,7 @@ def test_kv_cache_write_read_matches_the_numpy_per_slot_per_head_reference(mode)
     cache = init_cache(cfg, 2, 10)[0]
     assert cache.k.dtype == quantization.kv_storage_dtype(mode) and cache.k_scale.shape == (2, 4, cache.max_length)
     assert cache.k.shape == (2, 4, 128, 16) and cache.num_kv_heads == 4  # heads first, whole tiles of slots
+    assert init_cache(cfg, 2, 129)[0].max_length == 256 and init_cache(cfg, 2, 128)[0].max_length == 128
     rng = np.random.default_rng(0)
     k = rng.normal(size=(2, 3, 4, 16)).astype(np.float32) * rng.uniform(0.1, 10, (2, 3, 4, 1)).astype(np.float32)
     v = rng.normal(size=(2, 3, 4, 16)).astype(np.float32)
