@@ -61,7 +61,7 @@ def main(argv=None):
     scanned = init_params(cfg, args.seed)
     unscanned = C.unstack_layers(scanned)
     prompt = jnp.ones((R, P), jnp.int32)
-    # the per-layer buffers' layout (slots rounded up to whole tiles), stacked
+    # the per-layer buffers' shape, stacked
     shape = (cfg.num_layers, *jax.eval_shape(lambda: C.init_cache(ucfg, R, S))[0].k.shape)
     block = C.DecoderBlock(ucfg)
     norm = C.RMSNorm(cfg.rms_norm_eps, jnp.float32, jnp.float32)
