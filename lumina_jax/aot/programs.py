@@ -176,7 +176,7 @@ def lower_generate(model_cfg: ChameleonConfig, spec: GenerateSpec, mesh: jax.sha
     width = jacobi.window if jacobi else 1  # tokens each row feeds per step
     S = host.prompt.shape[1] + max_new + (width if jacobi else 0)
     kv = abstract_like(jax.eval_shape(lambda: init_cache(cfg, rows, S)), sharding.cache_shardings(cfg, mesh, rules))
-    S = kv[0].max_length  # rounded up to whole tiles; every step attends all of them
+    S = kv[0].max_length  # a quantised cache rounds up to whole tiles; every step attends all slots
     if jacobi:
         loop = lambda p, i, t: jacobi_jit(dm, p, i, settings=settings, ids=ids, jacobi=jacobi, size_table=t)
     else:

@@ -176,16 +176,15 @@ def init_cache(config: ChameleonConfig, batch: int, max_len: int, dtype=None) ->
     buffer is then updated in place, where a stacked cache is rebuilt every step (benchmarks/generate.py).
     With `config.kv_cache_quant` set the values are stored int8 / float8, heads first (B, K, S, H), with float32
     (B, K, S) scales (`dtype` is then ignored), and `max_len` is rounded up to a multiple of
-    `CACHE_SLOT_MULTIPLE` slots. Under `sharding.sharding_context` the buffers take the shardings of `cache_axes(config)` (scales:
-    `CACHE_SCALE_AXES`).
+    `CACHE_SLOT_MULTIPLE` slots. Under `sharding.sharding_context` the buffers take the shardings of
+    `cache_axes(config)` (scales: `CACHE_SCALE_AXES`).
     """
     quantized = config.kv_cache_quant != "none"
+    K, H = config.num_kv_heads, config.head_dim
     if quantized:
         max_len = -(-max_len // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
-    K, H = config.num_kv_heads, config.head_dim
-    shape = (batch, K, max_len, H) if quantized else (batch, max_len, K, H)
-    if quantized:
         dtype = quantization.kv_storage_dtype(config.kv_cache_quant)
+    shape = (batch, K, max_len, H) if quantized else (batch, max_len, K, H)
     dtype = jnp.dtype(dtype or config.dtype)
 
     def zeros(shape, dtype):
